@@ -1,0 +1,187 @@
+"""The ``mlsgd-dsl`` command line.
+
+Every user mistake ends as ``mlsgd-dsl: error: FILE: key.path: what is wrong`` on stderr with
+exit code 2; ``validate`` exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+EXIT_FAILED_CHECK = 1
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlsgd-dsl", description="Declarative multilevel SGD "
+                                "(MLSGD) hierarchies: validate, run, compare.")
+    p.add_argument("--version", action="version", version=f"mlsgd-dsl {__version__}")
+    p.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
+                   help="block plugin NAME (repeatable), like pytest's -p no:NAME")
+    p.add_argument("--no-plugin-autoload", action="store_true",
+                   help="do not load plugins from entry points "
+                        "(or set MLSGD_DSL_DISABLE_PLUGIN_AUTOLOAD=1)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_file(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("file", type=Path, help="hierarchy file (TOML)")
+        s.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY.PATH=VALUE", help="override a value (TOML syntax)")
+        return s
+
+    v = with_file("validate", "check a hierarchy file before training")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--seed", type=int, default=0, help="seed of the numerical checks")
+
+    r = with_file("run", "train a hierarchy and write a run folder")
+    r.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint")
+    r.add_argument("--force", action="store_true",
+                   help="resume even though the hierarchy changed since the checkpoint")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--no-validate", action="store_true",
+                   help="skip the coherence checks before training")
+
+    g = with_file("graph", "print the level graph (Mermaid or Graphviz DOT)")
+    g.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    g.add_argument("--png", type=Path, default=None,
+                   help="also render a PNG (needs Graphviz' dot on PATH)")
+
+    s = sub.add_parser("schema", help="print the JSON Schema of hierarchy files")
+    s.add_argument("--indent", type=int, default=2)
+
+    sub.add_parser("plugins", help="list installed plugins and what they provide")
+
+    c = sub.add_parser("compare", help="side-by-side table of several runs + overlay plot")
+    c.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    c.add_argument("--out", type=Path, default=None, help="folder for compare.png")
+    return p
+
+
+def _registry(args: argparse.Namespace):
+    from .registry import build_registry, set_default_registry
+
+    blocked = []
+    for flag in args.plugin_flags:
+        if not flag.startswith("no:") or len(flag) <= 3:
+            raise UserError(f"-p {flag}: expected -p no:NAME")
+        blocked.append(flag[3:])
+    autoload = False if args.no_plugin_autoload else None
+    reg = build_registry(block=blocked, autoload=autoload)
+    set_default_registry(reg)
+    return reg
+
+
+def _compiled(args: argparse.Namespace):
+    from .compiler import compile as compile_hierarchy
+    from .loader import load
+
+    reg = _registry(args)
+    return compile_hierarchy(load(args.file, args.overrides, registry=reg))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validation import validate
+
+    compiled = _compiled(args)
+    report = validate(compiled, seed=args.seed)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "rows": [r.__dict__ for r in report.rows]},
+                         indent=2))
+    else:
+        print(f"{args.file}: {compiled.hierarchy.name} — levels (coarsest first): "
+              + ", ".join(f"{n} ({compiled.nodes[n].n_parameters:,} params, h={compiled.h(n):g})"
+                          for n in compiled.levels))
+        print(report.table())
+    return 0 if report.ok else EXIT_FAILED_CHECK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner.run import run
+
+    overrides = list(args.overrides)
+    if args.resume is not None and not args.file.exists():
+        raise UserError(f"{args.file}: no such file")
+    compiled = _compiled(argparse.Namespace(**{**vars(args), "overrides": overrides}))
+    summary = run(compiled, out_dir=args.out, resume=args.resume, device=args.device,
+                  quiet=args.quiet, validate=not args.no_validate, force=args.force)
+    out = summary.get("run_dir", "")
+    final = summary.get("final", summary)
+    acc = final.get("val_acc")
+    print(f"run folder: {out}")
+    if acc is not None:
+        print(f"final validation accuracy {acc:.4f}, test accuracy "
+              f"{final.get('test_acc', float('nan')):.4f}, training time "
+              f"{final.get('training_time', 0):.1f} s")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .graphviz import render
+
+    compiled = _compiled(args)
+    print(render(compiled, args.format, png=args.png))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import json_schema
+
+    print(json.dumps(json_schema(), indent=args.indent))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    for p in reg.provided:
+        dist = f"{p.distribution} {p.version}" if p.distribution else f"built-in ({__version__})"
+        print(f"{p.plugin}  [{dist}]")
+        for kind, names in p.items.items():
+            print(f"    {kind}: {', '.join(names)}")
+    for message in reg.broken.values():
+        print(f"BROKEN {message}")
+    if reg.blocked:
+        print(f"blocked: {', '.join(sorted(reg.blocked))}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .runner.compare import compare
+
+    print(compare(args.runs, out=args.out))
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "run": cmd_run, "graph": cmd_graph,
+            "schema": cmd_schema, "plugins": cmd_plugins, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.filterwarnings("default", module="mlsgd_dsl")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"mlsgd-dsl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mlsgd-dsl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

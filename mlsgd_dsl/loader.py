@@ -1,0 +1,404 @@
+"""Hierarchy file → validated :class:`~mlsgd_dsl.schema.Hierarchy`.
+
+Order of work: read (size-capped) TOML, apply ``--set`` overrides, resolve inheritance
+(top-level ``model`` defaults and level ``extends``), validate with pydantic, then validate
+every plugin-named table with that plugin's own options model. Every failure is one
+:class:`~mlsgd_dsl.errors.ConfigError` naming the file and key path. Nothing in a file is
+evaluated as code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, format_path
+from .registry import Registry, default_registry
+from .schema import Hierarchy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_toml(text: str, file: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=file) from None
+    except RecursionError:
+        raise ConfigError(f"tables or arrays nested deeper than {MAX_DEPTH} levels",
+                          file=file) from None
+    _check_depth(data, file)
+    return data
+
+
+def _check_depth(value: Any, file: str, path: tuple = ()) -> None:
+    if len(path) > MAX_DEPTH:
+        raise ConfigError(f"nested deeper than {MAX_DEPTH} levels", file=file, path=path[:4])
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_depth(v, file, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_depth(v, file, (*path, i))
+
+
+def parse_override(item: str | tuple[str, Any]) -> dict[str, Any]:
+    """``"mlsgd.cycles=3"`` → ``{"mlsgd": {"cycles": 3}}``; the value is TOML, else a string.
+
+    Keys follow TOML's dotted-key syntax, so ``'transfer.rules."fc.*"=identity'`` works.
+    """
+    if isinstance(item, tuple):
+        key, value = item
+        text_value = _to_toml_value(value)
+    else:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value",
+                              file="--set")
+        key, text_value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key", file="--set")
+    for candidate in (text_value.strip(), json.dumps(text_value.strip())):
+        try:
+            data = tomllib.loads(f"{key} = {candidate}")
+        except tomllib.TOMLDecodeError:
+            continue
+        except RecursionError:
+            break
+        _check_depth(data, "--set")
+        return data
+    raise ConfigError(f"override {item!r}: {key!r} is not a valid key path", file="--set")
+
+
+def _to_toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_to_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_to_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise ConfigError(f"override value {value!r} has an unsupported type", file="--set")
+
+
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; anything else in ``top`` replaces ``base``."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(dict(out[key]), value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --------------------------------------------------------------------------- inheritance
+
+
+def resolve_inheritance(data: dict[str, Any], file: str) -> dict[str, Any]:
+    """Fill each level from the top-level ``model`` table and its ``extends`` chain."""
+    levels = data.get("levels")
+    if not isinstance(levels, dict):
+        return data
+    defaults = data.get("model", {})
+    if not isinstance(defaults, dict):
+        return data  # pydantic reports the type error with its path
+    resolved: dict[str, Any] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> dict[str, Any]:
+        if name in resolved:
+            return resolved[name]
+        level = levels[name]
+        if not isinstance(level, dict):
+            return level
+        parent_name = level.get("extends")
+        if parent_name is None:
+            base: dict[str, Any] = {"model": copy.deepcopy(defaults)} if defaults else {}
+        else:
+            if not isinstance(parent_name, str) or parent_name not in levels:
+                raise ConfigError(f"extends {parent_name!r}, which is not a level "
+                                  f"(levels: {', '.join(map(str, levels))})",
+                                  file=file, path=("levels", name, "extends"))
+            if parent_name in chain or parent_name == name:
+                cycle = " -> ".join((*chain, name, parent_name))
+                raise ConfigError(f"inheritance cycle: {cycle}", file=file,
+                                  path=("levels", name, "extends"))
+            base = copy.deepcopy(resolve(parent_name, (*chain, name)))
+            if not isinstance(base, dict):
+                base = {}
+            base.pop("description", None)
+        merged = deep_merge(base, {k: v for k, v in level.items()})
+        resolved[name] = merged
+        return merged
+
+    out = dict(data)
+    out["levels"] = {name: resolve(name, ()) for name in levels}
+    return out
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _readable_loc(loc: tuple, data: Any) -> tuple:
+    """Drop pydantic's union/validator tags from ``loc`` by walking the input data."""
+    path: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif isinstance(part, str) and (
+            part in ("[key]",) or "[" in part or part in
+            {"str", "int", "float", "bool", "dict", "list", "tuple", "none"}
+            or part[:1].isupper() or "-" in part
+        ):
+            continue  # a union member or validator tag, not a key
+        else:
+            path.append(part)  # a missing key: name it
+            node = None
+    return tuple(path)
+
+
+def _error_message(err: dict) -> str:
+    msg = err.get("msg", "invalid value")
+    kind = err.get("type", "")
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind not in ("missing",) and not isinstance(given, dict | list):
+        shown = repr(given)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return f"{msg[0].lower() + msg[1:]}, got {shown}"
+    return msg[0].lower() + msg[1:]
+
+
+def config_error_from(exc: ValidationError, data: Any, file: str,
+                      prefix: tuple = ()) -> ConfigError:
+    """One ConfigError listing the distinct problems (at most five), deepest first."""
+    by_path: dict[tuple, list[str]] = {}
+    for err in exc.errors():
+        path = (*prefix, *_readable_loc(tuple(err["loc"]), data))
+        by_path.setdefault(path, [])
+        message = _error_message(err)
+        if message not in by_path[path]:
+            by_path[path].append(message)
+    # With unions pydantic reports one error per member; the most specific path wins.
+    paths = sorted(by_path, key=len, reverse=True)
+    kept = [p for p in paths if not any(len(q) > len(p) and q[:len(p)] == p for q in paths)]
+    kept.sort(key=lambda p: list(by_path).index(p))
+    first = kept[0]
+    message = " or ".join(by_path[first][:3])
+    error = ConfigError(message, file=file, path=first)
+    if len(kept) > 1:
+        more = [f"{format_path(p)}: {' or '.join(by_path[p][:2])}" for p in kept[1:5]]
+        error = ConfigError(message + "\n  also: " + "\n  also: ".join(more), file=file,
+                            path=first)
+    return error
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+def validate_options(model: type[BaseModel], options: Mapping[str, Any], *, file: str,
+                     path: tuple) -> BaseModel:
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        raise config_error_from(exc, dict(options), file, prefix=path) from None
+
+
+def resolve_plugins(h: Hierarchy, registry: Registry, file: str) -> dict[tuple, Any]:
+    """Validate every plugin-named table; returns ``{key path: options instance}``."""
+    out: dict[tuple, Any] = {}
+    src = registry.get("data sources", h.data.source, file=file, path=("data", "source"))
+    out[("data",)] = validate_options(src.record.options, h.data.options, file=file,
+                                      path=("data", "options"))
+    for name, level in h.levels.items():
+        fam = registry.get("architectures", level.model.family, file=file,
+                           path=("levels", name, "model", "family"))
+        out[("levels", name, "model")] = validate_options(
+            fam.record.options, level.model.options(), file=file,
+            path=("levels", name, "model"))
+        for i, step in enumerate(level.data.coarsen):
+            co = registry.get("coarsenings", step.method, file=file,
+                              path=("levels", name, "data", "coarsen", i, "method"))
+            out[("levels", name, "data", "coarsen", i)] = validate_options(
+                co.record.options, step.options(), file=file,
+                path=("levels", name, "data", "coarsen", i))
+    transfers = [(("transfer",), h.transfer)]
+    transfers += [(("edges", i, "transfer"), e.transfer) for i, e in enumerate(h.edges or [])
+                  if e.transfer is not None]
+    for base, spec in transfers:
+        entries = [(("default",), spec.default)] if spec.default is not None else []
+        entries += [(("rules", pattern), value) for pattern, value in spec.rules.items()]
+        for sub, value in entries:
+            rule_name = value if isinstance(value, str) else value.rule
+            opts = {} if isinstance(value, str) else value.options()
+            where = (*base, *sub)
+            rule = registry.get("transfer rules", rule_name, file=file,
+                                path=where if isinstance(value, str) else (*where, "rule"))
+            out[where] = (rule, validate_options(rule.record.options, opts, file=file,
+                                                 path=where))
+    corr = h.mlsgd.correction
+    strategy = corr if isinstance(corr, str) else corr.strategy
+    copts = {} if isinstance(corr, str) else corr.options()
+    entry = registry.get("corrections", strategy, file=file,
+                         path=("mlsgd", "correction") if isinstance(corr, str)
+                         else ("mlsgd", "correction", "strategy"))
+    out[("mlsgd", "correction")] = (entry, validate_options(
+        entry.record.options, copts, file=file, path=("mlsgd", "correction")))
+    return out
+
+
+def check_per_level(h: Hierarchy, file: str) -> None:
+    """Per-level tables must name existing levels and cover them all."""
+    names = set(h.levels)
+    for field_name in ("epochs", "lr", "batch_size", "optimizer"):
+        value = getattr(h.mlsgd, field_name)
+        if not isinstance(value, dict):
+            continue
+        for key in value:
+            if key not in names:
+                raise ConfigError(f"no level named {key!r} (levels: {', '.join(h.levels)})",
+                                  file=file, path=("mlsgd", field_name, key))
+        missing = [n for n in h.levels if n not in value]
+        if missing:
+            raise ConfigError(f"per-level table lacks level(s) {', '.join(missing)}; give "
+                              "every level or a single value for all", file=file,
+                              path=("mlsgd", field_name))
+    path = h.mlsgd.path
+    if path:
+        paths = path if isinstance(path[0], list) else [path]
+        for i, p in enumerate(paths):
+            for j, name in enumerate(p):
+                if name not in names:
+                    where = ("mlsgd", "path", i, j) if isinstance(path[0], list) else \
+                        ("mlsgd", "path", j)
+                    raise ConfigError(f"no level named {name!r}", file=file, path=where)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def resolve_file_inheritance(data: dict[str, Any], file: str, base_dir: Path | None,
+                             chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Top-level ``extends = "other.toml"``: this file's keys deep-merged over the other's."""
+    parent = data.get("extends")
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"must be a file path (string), got {parent!r}", file=file,
+                          path=("extends",))
+    if base_dir is None:
+        raise ConfigError("file inheritance needs a file on disk", file=file,
+                          path=("extends",))
+    target = (base_dir / parent).resolve()
+    if str(target) in chain or len(chain) > 8:
+        raise ConfigError("inheritance cycle: " + " -> ".join((*chain, str(target))),
+                          file=file, path=("extends",))
+    try:
+        raw = target.read_bytes()
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError("inherited file is too large", file=file, path=("extends",))
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read inherited file {parent!r}: "
+                          f"{getattr(exc, 'strerror', None) or exc}", file=file,
+                          path=("extends",)) from None
+    base = resolve_file_inheritance(read_toml(text, str(target)), str(target), target.parent,
+                                    (*chain, str(target)))
+    child = {k: v for k, v in data.items() if k != "extends"}
+    merged = deep_merge(base, child)
+    merged.pop("extends", None)
+    return merged
+
+
+def loads(text: str, *, file: str = "<string>", overrides: Any = None,
+          registry: Registry | None = None, base_dir: Path | None = None) -> Hierarchy:
+    data = read_toml(text, file)
+    data = resolve_file_inheritance(data, file, base_dir, (str(Path(file).resolve()),))
+    for item in _override_items(overrides):
+        data = deep_merge(data, parse_override(item))
+    data = resolve_inheritance(data, file)
+    try:
+        h = Hierarchy.model_validate(data)
+    except ValidationError as exc:
+        raise config_error_from(exc, data, file) from None
+    except RecursionError:
+        raise ConfigError("nested too deeply", file=file) from None
+    check_per_level(h, file)
+    reg = registry or default_registry()
+    h._plugin_options = resolve_plugins(h, reg, file)
+    h._file = file
+    h._registry = reg
+    h._base_dir = base_dir
+    return h
+
+
+def _override_items(overrides: Any) -> list[Any]:
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    return list(overrides)
+
+
+def load(path: str | Path, overrides: Any = None, *,
+         registry: Registry | None = None) -> Hierarchy:
+    """Read and validate a hierarchy file.
+
+    ``overrides`` is a mapping ``{"mlsgd.cycles": 2}`` or a list of ``"key.path=value"``.
+    """
+    p = Path(path)
+    file = str(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"file is {size} bytes; hierarchy files are capped at "
+                              f"{MAX_FILE_BYTES} bytes", file=file)
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=file) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a hierarchy file", file=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=file) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=file) from None
+    return loads(text, file=file, overrides=overrides, registry=registry,
+                 base_dir=p.resolve().parent)
+
+
+__all__ = ["load", "loads"]

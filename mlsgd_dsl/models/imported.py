@@ -1,0 +1,139 @@
+"""The ``import`` family: a user's own model, built by ``factory = "package.module:callable"``.
+
+The callable receives ``kwargs`` from the file; parameters it *names* among ``in_channels``,
+``num_classes``, ``image_size`` and ``h`` are filled from the level's data when the file does
+not set them (``image_size`` is an int for square images, else ``(H, W)``). A bare
+``**kwargs`` receives nothing extra: we only pass what the factory asks for by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from ..api import Architecture, ModelContext
+from ..errors import ConfigError
+
+_IDENT = r"[A-Za-z_]\w*"
+_FACTORY = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+_PATH = ("model", "factory")
+_CONTEXT_NAMES = ("in_channels", "num_classes", "image_size", "h")
+
+
+class ImportOptions(BaseModel):
+    """Options of the ``import`` family."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factory: str = Field(
+        description='Callable returning an nn.Module, written "package.module:callable" '
+                    '(the part after ":" may be dotted, e.g. "nets:Net.create").')
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the factory.")
+    search_path: list[str] = Field(
+        default_factory=list,
+        description="Extra directories to import from (besides the current directory); the "
+                    "compiler adds the hierarchy file's directory. Relative paths are taken "
+                    "from the current directory.")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_format(cls, value: str) -> str:
+        if not _FACTORY.match(value):
+            raise ValueError(f'must look like "package.module:callable", got {value!r}')
+        return value
+
+
+@contextmanager
+def _import_path(extra: list[str]) -> Iterator[None]:
+    """Temporarily put ``extra`` and the current directory in front of ``sys.path``."""
+    saved = list(sys.path)
+    wanted = [os.path.abspath(p) for p in extra] + [os.getcwd()]
+    sys.path[:0] = [p for p in dict.fromkeys(wanted) if p not in sys.path]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _resolve(factory: str) -> Callable[..., Any]:
+    module_name, _, attr_path = factory.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a user module may fail in any way while importing
+        raise ConfigError(f"cannot import {module_name!r}: {_describe(exc)}", path=_PATH) from exc
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError as exc:
+            raise ConfigError(
+                f"{factory!r}: {module_name!r} has no attribute {attr_path!r}", path=_PATH
+            ) from exc
+    if not callable(obj):
+        raise ConfigError(f"{factory!r} is a {type(obj).__name__}, not a callable", path=_PATH)
+    return obj
+
+
+def _describe(exc: BaseException) -> str:
+    # ModuleNotFoundError already reads well; other errors need their type for context.
+    if isinstance(exc, ModuleNotFoundError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _context_kwargs(fn: Callable[..., Any], given: dict[str, Any],
+                    context: ModelContext) -> dict[str, Any]:
+    """The context values ``fn`` names as parameters and ``given`` does not set."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins / C callables without a signature
+        return {}
+    height, width = context.image_size
+    values = {
+        "in_channels": context.in_channels,
+        "num_classes": context.num_classes,
+        "image_size": height if height == width else (height, width),
+        "h": context.h,
+    }
+    named = {name for name, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {name: values[name] for name in _CONTEXT_NAMES
+            if name in named and name not in given}
+
+
+def build(options: ImportOptions | dict[str, Any], context: ModelContext) -> nn.Module:
+    """Import the factory, call it with ``kwargs`` plus the context it names, check the result."""
+    if not isinstance(options, ImportOptions):
+        options = ImportOptions.model_validate(options)
+    with _import_path(options.search_path):
+        fn = _resolve(options.factory)
+        kwargs = {**_context_kwargs(fn, options.kwargs, context), **options.kwargs}
+        try:
+            model = fn(**kwargs)
+        except Exception as exc:
+            raise ConfigError(
+                f"{options.factory!r} raised {type(exc).__name__}: {exc}", path=_PATH) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{options.factory!r} returned {type(model).__name__}, not a torch.nn.Module",
+            path=_PATH)
+    return model
+
+
+ARCHITECTURE = Architecture(
+    name="import",
+    options=ImportOptions,
+    build=build,
+    description='Your own model: factory = "package.module:callable" returning an nn.Module; '
+                "named parameters in_channels / num_classes / image_size / h are filled from "
+                "the level's data unless kwargs sets them.",
+)

@@ -1,0 +1,299 @@
+"""The hierarchy file format, as pydantic v2 models (``extra="forbid"`` everywhere).
+
+Tables that name a plugin (``model.family``, ``levels.X.data.coarsen[i].method``, a transfer
+rule, ``mlsgd.correction.strategy``) keep their remaining keys as that plugin's options; the
+loader validates them with the plugin's own options model in a second pass, so unknown keys are
+still refused with their key path.
+
+Per-level settings accept either a scalar (all levels) or a table keyed by level name, as in
+PyAMG's per-level options.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
+
+# Caps keep a hostile or mistyped file from asking for absurd allocations; each is far above
+# anything the thesis (or a laptop) uses and the loader reports the cap it hit.
+MAX_LEVELS = 32
+MAX_CYCLES = 100_000
+MAX_EPOCHS = 10_000.0
+MAX_BATCH = 1 << 16
+MAX_IMAGES = 10_000_000
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64,
+                                        pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")]
+PluginName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Epochs = Annotated[float, Field(gt=0, le=MAX_EPOCHS, allow_inf_nan=False)]
+LearningRate = Annotated[float, Field(gt=0, le=1e3, allow_inf_nan=False)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Open(BaseModel):
+    """A table naming a plugin; its other keys are the plugin's options (checked later)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+# --------------------------------------------------------------------------- data
+
+
+class AugmentSpec(Strict):
+    flip: bool = Field(False, description="Random horizontal flip of each image (p = 1/2).")
+    crop: float = Field(0.0, ge=0, le=0.5, allow_inf_nan=False,
+                        description="Random crop with zero padding, as a fraction of the image "
+                                    "size (thesis: 0.0625, i.e. 2 px of 32).")
+
+
+class DataSpec(Strict):
+    source: PluginName = Field("synthetic", description="Data source plugin name.")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="Options of the data source (its own schema).")
+    validation: float = Field(0.1, ge=0, le=MAX_IMAGES, allow_inf_nan=False,
+                              description="Validation images carved from the training set: a "
+                                          "count (>= 1) or a fraction (< 1).")
+    subset: int | None = Field(None, ge=1, le=MAX_IMAGES,
+                               description="Use only this many training images (seeded).")
+    test_subset: int | None = Field(None, ge=1, le=MAX_IMAGES,
+                                    description="Use only this many test images (seeded).")
+    normalize: bool = Field(True, description="Per-channel normalisation from the training split.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the split and subsets.")
+
+
+class CoarsenStep(Open):
+    method: PluginName = Field(description="Coarsening plugin name, e.g. 'avgpool'.")
+
+
+class LevelDataSpec(Strict):
+    coarsen: list[CoarsenStep] = Field(default_factory=list, max_length=8,
+                                       description="Coarsenings applied to the data set, in "
+                                                   "order (computed once per run).")
+
+
+# --------------------------------------------------------------------------- levels
+
+
+class ModelSpec(Open):
+    family: PluginName = Field(description="Architecture family plugin name.")
+
+
+class LevelSpec(Strict):
+    extends: Name | None = Field(None, description="Inherit every key of another level.")
+    description: str = ""
+    h: PositiveFloat = Field(1.0, le=1e6, description="Inner-product weight h_l "
+                             "(<.,.>_l = h_l <.,.>); also the residual time step unless "
+                             "model.h is set.")
+    model: ModelSpec
+    data: LevelDataSpec = Field(default_factory=LevelDataSpec)
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+class RuleRef(Open):
+    rule: PluginName = Field(description="Transfer rule plugin name.")
+
+
+RuleValue = PluginName | RuleRef
+
+
+class TransferSpec(Strict):
+    default: RuleValue | None = Field(
+        "identity", description="Rule for every tensor no pattern matches (null: none).")
+    rules: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], RuleValue] = \
+        Field(default_factory=dict, description="Glob over state-dict names -> rule.")
+
+
+class EdgeSpec(Strict):
+    coarse: Name
+    fine: Name
+    transfer: TransferSpec | None = Field(None, description="Replaces [transfer] on this edge.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def per_level(kind: Any) -> Any:
+    return kind | dict[Name, kind]
+
+
+class ScheduleSpec(Strict):
+    kind: Literal["constant", "step", "cosine", "onecycle"] = Field(
+        "constant", description="constant; step (x factor every `every` epochs, counting "
+        "epochs on all levels as the thesis does); cosine / onecycle over the whole run.")
+    factor: float = Field(0.7, gt=0, le=1, description="Decay factor of 'step'.")
+    every: Epochs = Field(10.0, description="Epochs (all levels) between 'step' decays.")
+    warmup: float = Field(0.0, ge=0, le=MAX_EPOCHS, description="Linear warm-up, in epochs.")
+    min_lr: float = Field(0.0, ge=0, description="Floor of cosine / onecycle.")
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) or SGD weight "
+                                "decay; the thesis' l2 term is objective.l2 instead.")
+
+
+class ObjectiveSpec(Strict):
+    l2: float = Field(2e-3, ge=0, description="l2 regularisation of non-bias weights (thesis "
+                      "4.1.2: 2e-3), part of F_l and hence of every gradient.")
+    smoothness: float = Field(2e-3, ge=0, description="Penalty on the change of kernels "
+                              "between consecutive residual layers of a block (thesis 4.1.2).")
+
+
+class CorrectionSpec(Open):
+    strategy: PluginName = Field("none", description="none | deterministic | stochastic | a "
+                                 "plugin's strategy; its options follow in the same table.")
+
+
+class AngleSpec(Strict):
+    mu: float = Field(gt=-1, le=1, description="Accept a coarse step only if cos(angle to "
+                      "-grad F_L) >= mu (thesis (3.3)).")
+    gradient: Literal["full", "stochastic"] = Field(
+        "full", description="Gradient of the finest level used in the check.")
+    fraction: float = Field(0.03125, gt=0, le=1, description="Data fraction of 'stochastic'.")
+    every: int = Field(1, ge=1, le=1_000_000, description="Check every n-th step.")
+
+
+class EarlyStopSpec(Strict):
+    eta: float = Field(0.0, ge=0, description="Descend only if ||P* g||_{l-1} >= eta ||g||_l.")
+    epsilon: float = Field(0.0, ge=0, description="Descend only if ||P* g||_{l-1} >= epsilon.")
+
+
+class DivergenceSpec(Strict):
+    factor: float = Field(3.0, gt=1, description="A level's epoch whose loss exceeds factor x "
+                          "its starting loss (or is NaN/Inf) counts as diverged.")
+    action: Literal["reject", "stop"] = Field(
+        "reject", description="reject: discard the level's step and go on; stop: end the run.")
+
+
+class EvalSpec(Strict):
+    every: Literal["epoch", "level", "cycle"] = Field(
+        "epoch", description="When the finest network is evaluated on the validation split.")
+    batch_size: BatchSize = 1000
+
+
+class MLSGDSpec(Strict):
+    method: Literal["mlsgd", "sgd"] = Field(
+        "mlsgd", description="mlsgd: cycles over the hierarchy; sgd: the finest level alone "
+        "(the baseline), for `sgd_epochs` epochs.")
+    cycle: Literal["V", "W", "F"] = "V"
+    cycles: int = Field(1, ge=1, le=MAX_CYCLES)
+    path: list[Name] | list[list[Name]] | None = Field(
+        None, description="Levels a run visits, coarsest first; a list of paths alternates "
+        "between them from cycle to cycle. Default: the only chain.")
+    epochs: per_level(Epochs) = Field(1.0, description="T_l: epochs per level per visit "
+                                      "(fractions allowed).")
+    sgd_epochs: Epochs | None = Field(None, description="Epochs of method = 'sgd' (default: "
+                                      "cycles x the finest level's epochs).")
+    time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds "
+                                      "of training (wall clock).")
+    lr: per_level(LearningRate) = 0.05
+    batch_size: per_level(BatchSize) = 250
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    optimizer: per_level(OptimizerSpec) = Field(default_factory=OptimizerSpec)
+    optimizer_state: Literal["reset", "keep", "transfer"] = Field(
+        "reset", description="What happens to a level's optimiser state between visits: reset, "
+        "keep per level, or transfer the first moment with P.")
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    correction: PluginName | CorrectionSpec = Field(default_factory=CorrectionSpec)
+    uncorrected_cycles: int = Field(0, ge=0, description="Cycles at the start without "
+                                    "correction (the thesis uses 1).")
+    step_regularization: float = Field(0.0, ge=0, description="lambda of (3.2): "
+                                       "lambda/2 ||w - R w_{l+1}||_l^2 (thesis: 5).")
+    angle: AngleSpec | None = None
+    early_stop: EarlyStopSpec | None = None
+    init: Literal["nested", "independent"] = Field(
+        "nested", description="nested: finer levels start from the prolongated coarsest "
+        "initialisation; independent: each level initialised on its own.")
+    bn_recalibration: int = Field(2000, ge=0, le=MAX_IMAGES, description="Training images "
+                                  "used to re-estimate BatchNorm statistics after a "
+                                  "prolongation (0: off).")
+    divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    full_batch_size: BatchSize = Field(2000, description="Batch size of full-gradient "
+                                       "passes (no augmentation, BatchNorm in eval mode).")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads (default: "
+                                "torch's choice).")
+
+
+class ReportSpec(Strict):
+    thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.5, 0.7, 0.8], max_length=32,
+        description="Validation accuracies whose first-reach time the summary reports.")
+    checkpoint: Literal["cycle", "none"] = "cycle"
+    plot: bool = True
+
+
+class Hierarchy(Strict):
+    extends: str | None = Field(None, description="Path of a hierarchy file (relative to "
+                                "this one) whose keys this file deep-merges over.")
+    name: Name
+    description: str = ""
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: dict[str, Any] = Field(default_factory=dict,
+                                  description="Defaults every level's model table inherits.")
+    levels: dict[Name, LevelSpec] = Field(
+        min_length=1, max_length=MAX_LEVELS,
+        description="Levels, finest first (file order); a chain unless [[edges]] is given.")
+    edges: list[EdgeSpec] | None = Field(None, max_length=MAX_LEVELS * MAX_LEVELS)
+    transfer: TransferSpec = Field(default_factory=TransferSpec)
+    mlsgd: MLSGDSpec = Field(default_factory=MLSGDSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    # Attached by the loader: where the file came from and its validated plugin options.
+    _file: str = PrivateAttr("<hierarchy>")
+    _base_dir: Any = PrivateAttr(None)
+    _registry: Any = PrivateAttr(None)
+    _plugin_options: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _edges_name_levels(self) -> Hierarchy:
+        for i, edge in enumerate(self.edges or []):
+            for side in ("coarse", "fine"):
+                if getattr(edge, side) not in self.levels:
+                    raise ValueError(f"edges[{i}].{side}: no level named "
+                                     f"{getattr(edge, side)!r} (levels: "
+                                     f"{', '.join(self.levels)})")
+        return self
+
+    # ---------------------------------------------------------------- helpers
+
+    def level_names(self) -> list[str]:
+        return list(self.levels)
+
+    def edge_list(self) -> list[tuple[str, str, TransferSpec]]:
+        """(coarse, fine, transfer) for every edge; a chain in file order by default."""
+        if self.edges is not None:
+            return [(e.coarse, e.fine, e.transfer or self.transfer) for e in self.edges]
+        names = self.level_names()
+        return [(names[i + 1], names[i], self.transfer) for i in range(len(names) - 1)]
+
+    def for_level(self, value: Any, level: str) -> Any:
+        """Resolve a per-level setting (scalar or table) for one level."""
+        if isinstance(value, dict):
+            return value[level]
+        return value
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Hierarchy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mlsgd-dsl hierarchy file"
+    return schema

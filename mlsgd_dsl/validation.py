@@ -1,0 +1,212 @@
+"""``mlsgd-dsl validate``: is a compiled hierarchy coherent before any training step?
+
+Structural facts were enforced by the compiler (it refuses what cannot be compiled); here they
+are reported as rows next to the numerical checks, which run in float64 on random inputs:
+shapes, ``R∘P = I`` (where a rule promises it), the adjoint identity
+``h_fine·⟨P x, y⟩ = h_coarse·⟨x, P* y⟩`` with ``P*`` checked against autograd, agreement of all
+paths between two levels, and the function-preservation gap.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .api import CheckRow, GroupOperator
+from .compiler import Compiled
+from .errors import UserError
+from .operators import BoundGroup, EdgeTransfer
+
+TOL = 1e-9  # float64 round-off allowance, relative
+
+
+@dataclass
+class Report:
+    rows: list[CheckRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "fail" for r in self.rows)
+
+    def add(self, name: str, status: str, detail: str = "") -> None:
+        self.rows.append(CheckRow(name, status, detail))
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.rows) for s in ("pass", "warn", "fail")}
+
+    def table(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [5])
+        lines = [f"{'check':<{width}}  status  detail", f"{'-' * width}  ------  ------"]
+        for r in self.rows:
+            lines.append(f"{r.name:<{width}}  {r.status:<6}  {r.detail}")
+        c = self.counts()
+        lines.append(f"\n{c['pass']} passed, {c['warn']} warnings, {c['fail']} failed")
+        return "\n".join(lines)
+
+
+def _random(shapes: Mapping[str, torch.Size], gen: torch.Generator) -> dict[str, Tensor]:
+    return {n: torch.randn(tuple(s), generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    return float(sum((a[n].double() * b[n].double()).sum() for n in a))
+
+
+def _norm(a: Mapping[str, Tensor]) -> float:
+    return _dot(a, a) ** 0.5
+
+
+def _label(c: Compiled, group: BoundGroup) -> str:
+    entry = c.registry.items["transfer rules"].get(group.rule)
+    return entry.label() if entry else f"rule {group.rule}"
+
+
+def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.Generator,
+                report: Report) -> None:
+    op: GroupOperator = group.operator
+    spec = op.spec
+    name = f"{edge.coarse}->{edge.fine} {group.pattern} [{group.rule}]"
+    floats_c = {n: s for n, s in spec.coarse.items() if n in edge.coarse_params}
+    floats_f = {n: s for n, s in spec.fine.items() if n in edge.fine_params}
+    x, y = _random(floats_c, gen), _random(floats_f, gen)
+    try:
+        px = op.prolongate(x)
+        ry = op.restrict(y)
+        pty = op.transpose(y)
+        pty_auto = GroupOperator.transpose(op, y)
+    except Exception as exc:
+        report.add(f"{name}: operators", "fail",
+                   f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
+        return
+    bad = [f"P gives {n}: {tuple(px[n].shape) if n in px else 'missing'}, expected "
+           f"{tuple(s)}" for n, s in floats_f.items() if n not in px or px[n].shape != s]
+    bad += [f"R gives {n}: {tuple(ry[n].shape) if n in ry else 'missing'}, expected {tuple(s)}"
+            for n, s in floats_c.items() if n not in ry or ry[n].shape != s]
+    if bad:
+        report.add(f"{name}: shapes", "fail", f"{_label(c, group)}: returns wrong shapes: "
+                   + "; ".join(bad[:3]))
+        return
+    report.add(f"{name}: shapes", "pass", f"{len(floats_c)} coarse / {len(floats_f)} fine "
+               "tensors")
+    if op.left_inverse:
+        rpx = op.restrict(px)
+        err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
+        report.add(f"{name}: R∘P = I", "pass" if err < TOL else "fail",
+                   f"relative error {err:.1e}")
+    else:
+        rpx = op.restrict(px)
+        err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
+        report.add(f"{name}: R∘P = I", "pass", f"not promised by the rule ({err:.2f})")
+    # h_fine <P x, y> = h_coarse <x, P* y>, with P* = (h_fine/h_coarse) Pᵀ from the rule's
+    # own transpose; autograd's vector-Jacobian product of P is the reference Pᵀ.
+    scale = edge.h_fine / edge.h_coarse
+    lhs = edge.h_fine * _dot(px, y)
+    rhs = edge.h_coarse * _dot(x, {n: scale * t for n, t in pty.items()})
+    ref = _norm({n: pty_auto[n] for n in pty_auto})
+    err_t = _norm({n: pty[n] - pty_auto[n] for n in pty_auto}) / max(ref, 1e-300)
+    err_ip = abs(lhs - rhs) / max(abs(lhs), _norm(px) * _norm(y) * edge.h_fine, 1e-300)
+    ok = err_t < TOL and err_ip < TOL
+    detail = f"P* vs autograd {err_t:.1e}, inner products {err_ip:.1e}"
+    report.add(f"{name}: adjoint", "pass" if ok else "fail",
+               detail if ok else f"{_label(c, group)}: wrong P*: {detail}")
+
+
+def _path_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
+    for a, b in itertools.permutations(c.levels, 2):
+        paths = c.all_paths(a, b)
+        if len(paths) < 2:
+            continue
+        x = _random({n: c.nodes[a].shapes[n] for n in c.nodes[a].parameters}, gen)
+        results = [c.transfer(a, b, via=p).prolongate(x) for p in paths]
+        worst = max(_norm({n: r[n] - results[0][n] for n in r}) / max(_norm(results[0]), 1e-300)
+                    for r in results[1:])
+        label = f"paths {a}->{b}"
+        detail = f"{len(paths)} paths, max relative difference of P {worst:.1e}"
+        report.add(label, "pass" if worst < TOL else "warn",
+                   detail if worst < TOL else detail + " (the paths do not commute)")
+
+
+def _inputs(c: Compiled, gen: torch.Generator, batch: int = 4) -> dict[str, Tensor]:
+    """A random batch at the data source's shape, coarsened for each level."""
+    any_node = next(iter(c.nodes.values()))
+    src = c.registry.get("data sources", c.hierarchy.data.source)
+    ch, hh, ww, _ = src.record.shape(c._options[("data",)])
+    del any_node
+    base = torch.randn(batch, ch, hh, ww, generator=gen, dtype=torch.float64)
+    out = {}
+    for name, node in c.nodes.items():
+        x = base
+        for entry, opts in node.coarsen:
+            x = entry.record.apply(x, opts)
+        out[name] = x
+    return out
+
+
+def _function_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
+    inputs = _inputs(c, gen)
+    for coarse, fine in c.graph.edges:
+        edge = c.edge(coarse, fine)
+        name = f"{coarse}->{fine}: function preservation"
+        try:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            cm = c.model(coarse).double().eval()
+            fm = c.model(fine).double().eval()
+            sd = {n: t.detach() for n, t in cm.state_dict().items()}
+            fm.load_state_dict(edge.prolongate(sd))
+            with torch.no_grad():
+                yc, yf = cm(inputs[coarse]), fm(inputs[fine])
+        except UserError:
+            raise
+        except Exception as exc:
+            report.add(name, "fail", f"{type(exc).__name__}: {exc}")
+            continue
+        gap = float((yf - yc).norm() / max(float(yc.norm()), 1e-300))
+        report.add(name, "pass" if gap < 1.0 else "warn",
+                   f"relative output gap {gap:.2e} (prolongated coarse vs coarse network)")
+
+
+def validate(c: Compiled, *, seed: int = 0) -> Report:
+    """Run every check on a compiled hierarchy; ``report.ok`` is False when one fails."""
+    report = Report()
+    h = c.hierarchy
+    report.add("references", "pass",
+               f"{len(c.nodes)} levels, {c.graph.number_of_edges()} edges; data "
+               f"{h.data.source!r}; families "
+               f"{sorted({n.family.record.name for n in c.nodes.values()})}")
+    report.add("graph", "pass", f"acyclic, connected, finest level {c.finest!r}; "
+               f"cycle path(s): {' | '.join('->'.join(p) for p in c.paths)}")
+    for coarse, fine in c.graph.edges:
+        edge = c.edge(coarse, fine)
+        rules = sorted({g.rule for g in edge.full})
+        report.add(f"{coarse}->{fine}: coverage", "pass",
+                   f"{len(edge.coarse_names)} coarse / {len(edge.fine_names)} fine tensors, "
+                   f"each matched by exactly one rule ({', '.join(rules)})")
+        fc, ff = c.nodes[coarse].flops, c.nodes[fine].flops
+        pc, pf = c.nodes[coarse].n_parameters, c.nodes[fine].n_parameters
+        cost = f"{pc:,} vs {pf:,} parameters"
+        if fc and ff:
+            cost += f"; {fc / ff:.2f}x the FLOPs per sample"
+        cheaper = (fc < ff) if (fc and ff) else (pc < pf)
+        same = (fc == ff) if (fc and ff) else (pc == pf)
+        report.add(f"{coarse}->{fine}: cost", "pass" if cheaper else
+                   ("warn" if same else "fail"), cost)
+    gen = torch.Generator().manual_seed(seed)
+    for coarse, fine in c.graph.edges:
+        edge = c.edge(coarse, fine)
+        for group in edge.params:
+            _group_rows(c, edge, group, gen, report)
+    _path_rows(c, gen, report)
+    _function_rows(c, gen, report)
+    for name, entry in sorted(c.registry.items["checks"].items()):
+        try:
+            rows = list(entry.record.run(c))
+        except Exception as exc:
+            report.add(name, "fail", f"{entry.label()}: check raised {type(exc).__name__}: "
+                       f"{exc}")
+            continue
+        report.rows.extend(rows)
+    return report
