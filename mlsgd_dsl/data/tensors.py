@@ -46,14 +46,21 @@ def _file(options: TensorsOptions) -> Path:
     return path
 
 
-def read_arrays(path: Path, keys: tuple[str, ...] = KEYS) -> dict[str, torch.Tensor]:
-    """The arrays ``keys`` of the file as tensors (an .npz member is read only when asked)."""
+def read_arrays(path: Path, keys: tuple[str, ...] = KEYS, *,
+                mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The arrays ``keys`` of the file as tensors (an .npz member is read only when asked;
+    ``mmap`` maps a .pt file instead of reading it, where its format allows)."""
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 _require(path, z.files)
                 return {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in keys}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except (OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile,
             pickle.UnpicklingError) as exc:
         raise DataNotFound(f"{path}: cannot read ({exc})") from None
@@ -72,9 +79,9 @@ def _require(path: Path, present: Iterable[str]) -> None:
 
 
 def image_shape(path: Path) -> tuple[int, ...]:
-    """Shape of ``train_x`` without reading its values (npy header; a .pt is loaded)."""
+    """Shape of ``train_x`` without reading its values (npy header, memory-mapped .pt)."""
     if path.suffix != ".npz":
-        return tuple(read_arrays(path, ("train_x",))["train_x"].shape)
+        return tuple(read_arrays(path, ("train_x",), mmap=True)["train_x"].shape)
     try:
         with zipfile.ZipFile(path) as zf, zf.open("train_x.npy") as f:
             version = np.lib.format.read_magic(f)

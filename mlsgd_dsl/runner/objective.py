@@ -1,0 +1,147 @@
+"""The level objectives F_l and H_l of the thesis, in Euclidean coordinates.
+
+``F_l(w) = CE(w) + l2·Σ‖W‖² + s·smoothness(w)`` (thesis 4.1.2): cross entropy (mean over the
+batch), the ℓ2 term on the non-bias weights (the parameters with ``ndim > 1``) and, when the
+model has a ``smoothness()`` method, the smoothness penalty on consecutive residual kernels.
+
+PyTorch computes Euclidean gradients ``∇F``. With the level inner product
+``⟨·,·⟩_l = h_l⟨·,·⟩`` the level gradient is ``∇_l F = ∇F / h_l``, and the Euclidean gradient of
+
+    H_l(w) = F_l(w) + ⟨P*_{l+1}∇_{l+1}H_{l+1}(w_{l+1}) − ∇_l F_l(R w_{l+1}), w⟩_l
+             + λ/2 ‖w − R w_{l+1}‖²_l                                    (thesis (3.2))
+
+is ``∇F_l(w) + Pᵀ∇H_{l+1}(w_{l+1}) − ∇F_l(R w_{l+1}) + λ h_l (w − R w_{l+1})`` — the first term
+from autograd, the rest a constant vector plus ``λ h_l w`` added after ``backward`` (see
+:mod:`mlsgd_dsl.runner.corrections`). All gradient lists here are aligned with
+``Objective.names`` (the names of ``model.named_parameters()``), the same names the transfer
+operators take when given "parameters only".
+
+The ℓ2 gradient ``2·l2·W`` is added with one ``torch._foreach_add_`` after ``backward`` rather
+than through autograd: same gradient, less graph. The loss value logged per epoch is the cross
+entropy (the data term); :meth:`Objective.regularizer` gives the rest when it is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Objective:
+    """F_l for one level's model: loss for autograd, regulariser gradients, full gradients."""
+
+    def __init__(self, model: nn.Module, *, l2: float, smoothness: float) -> None:
+        self.model = model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names: list[str] = [n for n, _ in named]
+        self.params: list[Tensor] = [p for _, p in named]
+        self.l2 = float(l2)
+        self.smoothness = float(smoothness) if callable(getattr(model, "smoothness", None)) \
+            else 0.0
+        self.l2_index = [i for i, p in enumerate(self.params) if p.ndim > 1]
+        self.l2_params = [self.params[i] for i in self.l2_index]
+
+    # ------------------------------------------------------------------ per step
+
+    def loss(self, out: Tensor, y: Tensor, model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """(value for ``backward``, cross entropy) of one batch; ℓ2 is added to the gradient."""
+        ce = F.cross_entropy(out, y)
+        if self.smoothness:
+            return ce + self.smoothness * (model or self.model).smoothness(), ce
+        return ce, ce
+
+    def add_l2_gradient(self, grads: Sequence[Tensor], params: Sequence[Tensor] | None = None,
+                        *, scale: float = 1.0) -> None:
+        """``grads += scale · 2·l2·W`` on the non-bias weights (in place)."""
+        if not self.l2 or not self.l2_index:
+            return
+        src = self.l2_params if params is None else [params[i] for i in self.l2_index]
+        torch._foreach_add_([grads[i] for i in self.l2_index], src, alpha=2.0 * self.l2 * scale)
+
+    def regularizer(self) -> float:
+        """``l2·Σ‖W‖² + s·smoothness`` at the current weights."""
+        with torch.no_grad():
+            value = 0.0
+            if self.l2 and self.l2_params:
+                value += self.l2 * float(sum(p.pow(2).sum() for p in self.l2_params))
+            if self.smoothness:
+                value += self.smoothness * float(self.model.smoothness())
+        return value
+
+    # ------------------------------------------------------------------ full passes
+
+    def gradient(self, x: Tensor, y: Tensor, *, batch_size: int, indices: Tensor | None = None,
+                 eval_mode: bool = True, model: nn.Module | None = None) -> list[Tensor]:
+        """Euclidean ``∇F_l`` at the current weights of ``model`` on ``x[indices]`` (all of it).
+
+        The cross entropy is averaged over the whole (sub)set, computed in chunks of
+        ``batch_size`` with no augmentation. ``eval_mode`` (the default) evaluates BatchNorm
+        with its running statistics and leaves them untouched, so the gradient is that of a
+        deterministic function of the weights (this is the choice for full-gradient passes).
+        """
+        model = model or self.model
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        was_training = model.training
+        model.train(not eval_mode)
+        n = len(indices) if indices is not None else len(x)
+        grads = [torch.zeros_like(p) for p in params]
+        try:
+            for start in range(0, n, batch_size):
+                if indices is not None:
+                    idx = indices[start:start + batch_size]
+                    xb, yb = x[idx], y[idx]
+                else:
+                    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                ce = F.cross_entropy(model(xb), yb, reduction="sum") / n
+                parts = torch.autograd.grad(ce, params, allow_unused=True)
+                for g, part in zip(grads, parts):
+                    if part is not None:
+                        g.add_(part)
+            if self.smoothness:
+                parts = torch.autograd.grad(self.smoothness * model.smoothness(), params,
+                                            allow_unused=True)
+                for g, part in zip(grads, parts):
+                    if part is not None:
+                        g.add_(part)
+        finally:
+            model.train(was_training)
+        self.add_l2_gradient(grads, params)
+        return grads
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, *, batch_size: int,
+                 model: nn.Module | None = None) -> tuple[float, float]:
+        """(mean cross entropy, accuracy) in eval mode; one host sync at the end."""
+        model = model or self.model
+        was_training = model.training
+        model.eval()
+        loss = torch.zeros((), dtype=torch.float64, device=x.device)
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        try:
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                out = model(xb)
+                loss += F.cross_entropy(out, yb, reduction="sum").double()
+                correct += (out.argmax(1) == yb).sum()
+        finally:
+            model.train(was_training)
+        n = max(len(x), 1)
+        return float(loss) / n, float(correct) / n
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """Euclidean ⟨a, b⟩ of two aligned tensor lists (float64 accumulation)."""
+    if not a:
+        return 0.0
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+def norm(a: Sequence[Tensor]) -> float:
+    """Euclidean norm of a tensor list."""
+    if not a:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(x.double()) for x in a])))
