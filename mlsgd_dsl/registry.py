@@ -66,7 +66,8 @@ class Entry:
 @dataclass
 class Registry:
     manager: pluggy.PluginManager
-    items: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS.values()})
+    items: dict[str, dict[str, Entry]] = field(
+        default_factory=lambda: {k: {} for k in KINDS.values()})
     provided: list[Provided] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # plugin name -> message
     blocked: set[str] = field(default_factory=set)
