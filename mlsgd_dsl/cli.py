@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print the JSON Schema of hierarchy files")
     s.add_argument("--indent", type=int, default=2)
+    s.add_argument("--markdown", action="store_true",
+                   help="print the key reference (docs/hierarchy-file.md) instead")
 
     sub.add_parser("plugins", help="list installed plugins and what they provide")
 
@@ -138,6 +140,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from .schema import json_schema
 
+    if args.markdown:
+        from .docgen import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     print(json.dumps(json_schema(), indent=args.indent))
     return 0
 

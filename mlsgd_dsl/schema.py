@@ -116,8 +116,8 @@ class TransferSpec(Strict):
 
 
 class EdgeSpec(Strict):
-    coarse: Name
-    fine: Name
+    coarse: Name = Field(description="The coarser level of the pair.")
+    fine: Name = Field(description="The finer level of the pair.")
     transfer: TransferSpec | None = Field(None, description="Replaces [transfer] on this edge.")
 
 
@@ -139,11 +139,11 @@ class ScheduleSpec(Strict):
 
 
 class OptimizerSpec(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.0, ge=0, lt=1)
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Level solver.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (0: the thesis' SGD).")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) or SGD weight "
                                 "decay; the thesis' l2 term is objective.l2 instead.")
 
@@ -191,8 +191,8 @@ class MLSGDSpec(Strict):
     method: Literal["mlsgd", "sgd"] = Field(
         "mlsgd", description="mlsgd: cycles over the hierarchy; sgd: the finest level alone "
         "(the baseline), for `sgd_epochs` epochs.")
-    cycle: Literal["V", "W", "F"] = "V"
-    cycles: int = Field(1, ge=1, le=MAX_CYCLES)
+    cycle: Literal["V", "W", "F"] = Field("V", description="Cycle shape (the thesis: V).")
+    cycles: int = Field(1, ge=1, le=MAX_CYCLES, description="Number of cycles (K).")
     path: list[Name] | list[list[Name]] | None = Field(
         None, description="Levels a run visits, coarsest first; a list of paths alternates "
         "between them from cycle to cycle. Default: the only chain.")
@@ -202,8 +202,9 @@ class MLSGDSpec(Strict):
                                       "cycles x the finest level's epochs).")
     time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds "
                                       "of training (wall clock).")
-    lr: per_level(LearningRate) = 0.05
-    batch_size: per_level(BatchSize) = 250
+    lr: per_level(LearningRate) = Field(0.05, description="Learning rate alpha_l (start value "
+                                        "of the schedule).")
+    batch_size: per_level(BatchSize) = Field(250, description="Mini-batch size (thesis: 250).")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     optimizer: per_level(OptimizerSpec) = Field(default_factory=OptimizerSpec)
     optimizer_state: Literal["reset", "keep", "transfer"] = Field(
@@ -227,8 +228,10 @@ class MLSGDSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     full_batch_size: BatchSize = Field(2000, description="Batch size of full-gradient "
                                        "passes (no augmentation, BatchNorm in eval mode).")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, batches "
+                      "and augmentation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when "
+                                                   "available.")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads (default: "
                                 "torch's choice).")
 
@@ -237,15 +240,16 @@ class ReportSpec(Strict):
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.5, 0.7, 0.8], max_length=32,
         description="Validation accuracies whose first-reach time the summary reports.")
-    checkpoint: Literal["cycle", "none"] = "cycle"
-    plot: bool = True
+    checkpoint: Literal["cycle", "none"] = Field("cycle", description="Checkpoint after every "
+                                                 "cycle (atomic) or never.")
+    plot: bool = Field(True, description="Write accuracy_vs_time.png.")
 
 
 class Hierarchy(Strict):
     extends: str | None = Field(None, description="Path of a hierarchy file (relative to "
                                 "this one) whose keys this file deep-merges over.")
-    name: Name
-    description: str = ""
+    name: Name = Field(description="Name of the hierarchy (run folders are named after it).")
+    description: str = Field("", description="Free text shown by validate and in summaries.")
     data: DataSpec = Field(default_factory=DataSpec)
     model: dict[str, Any] = Field(default_factory=dict,
                                   description="Defaults every level's model table inherits.")
