@@ -101,11 +101,13 @@ class Objective:
                     if part is not None:
                         g.add_(part)
             if self.smoothness:
-                parts = torch.autograd.grad(self.smoothness * model.smoothness(), params,
-                                            allow_unused=True)
-                for g, part in zip(grads, parts):
-                    if part is not None:
-                        g.add_(part)
+                value = model.smoothness()
+                if value.requires_grad:  # a one-layer block has a constant 0
+                    parts = torch.autograd.grad(self.smoothness * value, params,
+                                                allow_unused=True)
+                    for g, part in zip(grads, parts):
+                        if part is not None:
+                            g.add_(part)
         finally:
             model.train(was_training)
         self.add_l2_gradient(grads, params)
@@ -136,7 +138,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     """Euclidean ⟨a, b⟩ of two aligned tensor lists (float64 accumulation)."""
     if not a:
         return 0.0
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+    return float(sum((x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)))
 
 
 def norm(a: Sequence[Tensor]) -> float:
@@ -144,4 +146,4 @@ def norm(a: Sequence[Tensor]) -> float:
     if not a:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(x.double()) for x in a])))
+        [torch.linalg.vector_norm(x.detach().double()) for x in a])))

@@ -14,8 +14,9 @@ before the schedule's end). Each level scales its own base learning rate ``lr_l`
   30 % of the run, as PyTorch's ``OneCycleLR``), then cosine down to ``min_lr``.
 
 ``warmup > 0`` adds a linear warm-up from 0 to the schedule's value to constant, step and
-cosine. The value is set before every step, at the position ``E`` reached after that step
-(so the first warm-up step is not a zero step).
+cosine. The value is set before every step from the position ``E`` before that step (so all
+steps of an epoch share a step schedule's rate); the warm-up ramp is evaluated at the position
+after the step, so the first step is not a zero step.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ class Schedule:
         if self.kind == "onecycle" and self.warmup <= 0:
             self.warmup = ONECYCLE_WARMUP * self.total
 
-    def lr(self, base: float, epoch: float) -> float:
-        """Learning rate of a level with base rate ``base`` at global epoch ``epoch``."""
+    def lr(self, base: float, epoch: float, step: float = 0.0) -> float:
+        """Learning rate of a level with base rate ``base`` at global epoch ``epoch``;
+        ``step`` is the length of one step in epochs (for the warm-up ramp)."""
         s = self.spec
         e = max(float(epoch), 0.0)
+        ramp = min(1.0, (e + step) / self.warmup) if self.warmup > 0 else 1.0
         if self.kind == "onecycle":
             if e < self.warmup:
                 start = base / ONECYCLE_START_DIV
-                return start + (base - start) * e / self.warmup
+                return start + (base - start) * ramp
             return self._cosine(base, e)
         if self.kind == "constant":
             value = base
@@ -52,9 +55,7 @@ class Schedule:
             value = base * s.factor ** math.floor(e / s.every + 1e-9)
         else:  # cosine
             value = self._cosine(base, e)
-        if self.warmup > 0 and e < self.warmup:
-            value *= e / self.warmup
-        return value
+        return value * ramp
 
     def _cosine(self, base: float, e: float) -> float:
         span = self.total - self.warmup

@@ -1,0 +1,786 @@
+"""The generic MLSGD trainer: Algorithm 4 of the thesis over any compiled hierarchy.
+
+:func:`run` trains a :class:`~mlsgd_dsl.compiler.Compiled` hierarchy and leaves a run folder:
+``resolved.toml``/``resolved.json``, ``metrics.csv``/``metrics.jsonl`` (one row per epoch of any
+level, plus event rows), ``checkpoint.pt`` after every cycle, ``summary.json``/``summary.md``
+and ``accuracy.png``.
+
+One cycle (see :mod:`mlsgd_dsl.runner.cycle` for V/W/F): the finest iterate ``w_{L,k,0}`` is
+restricted level by level to the coarsest (no training on the way down, thesis Fig. 3.2); at
+each descent the coarse level's objective ``H_l`` is set up by the correction strategy
+(:mod:`mlsgd_dsl.runner.corrections`); then the levels train bottom-up, each adding the
+prolongated step ``P(w_l − R w_{l+1})`` of the level below before its own epochs
+(:mod:`mlsgd_dsl.runner.level`). ``method = "sgd"`` trains the finest level alone through the
+same level solver (the baseline); there a "cycle" (checkpoint unit) is one epoch.
+
+Choices where the thesis is silent or the configuration needed a definition (also in the
+report of the runner's author):
+
+* Time (``train_time``, the plots' axis, ``time_budget``) counts training only: evaluation and
+  checkpoint writing are excluded; ``wall_time`` counts everything since the run started.
+* The finest network is evaluated on the validation split (``mlsgd.eval.every``): ``epoch`` —
+  after every epoch of the finest level and right after every prolongation into it (coarse
+  epochs leave the finest network unchanged, so their rows carry no validation values);
+  ``level`` — at the end of every visit of the finest level and after every prolongation into
+  it; ``cycle`` — at the end of every cycle.
+* BatchNorm statistics are re-estimated after every non-zero prolongation
+  (``bn_recalibration`` images), before the level trains or is evaluated; restriction carries
+  the buffers down with the weights (full state dicts).
+* ``optimizer_state = "transfer"`` treats the first moment as a step-like (primal) vector:
+  ``R`` on the way down, ``P`` on the way up, replacing the receiving level's first moment;
+  the rest of the state is kept per level (Adam's first moment is only set where the level
+  already has a second moment).
+* λ (``step_regularization``) applies on every level below the finest, with or without a
+  correction; the finest level's objective is ``F_L`` (with variance reduction: SVRG around
+  ``w_{L,k,0}``).
+* ``time_budget`` stops before the next step once exceeded; coarse steps not yet prolongated
+  are dropped (never carried up untrained), the finest network is evaluated as it is.
+* The angle condition is also applied on the finest level (Algorithm 5 runs on every level,
+  with ``P`` the identity on level L), not in ``method = "sgd"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, RunError, UserError
+from . import bn
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .corrections import Correction, LevelCorrection, Sample
+from .cycle import cycle as run_cycle_recursion
+from .cycle import visit_order
+from .level import (
+    AngleCheck,
+    Augment,
+    EpochStats,
+    Level,
+    Visit,
+    get_first_moment,
+    set_first_moment,
+    train_visit,
+)
+from .objective import norm
+from .records import MetricsLog, read_rows
+from .schedule import Schedule
+
+CHECKPOINT_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _select_device(requested: str | None, configured: str) -> torch.device:
+    choice = requested or configured or "auto"
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available",
+                          path=("mlsgd", "device"))
+    return torch.device(choice)
+
+
+def _config(c: Any) -> dict[str, Any]:
+    resolved = getattr(c, "resolved", None)
+    if callable(resolved):
+        return resolved()
+    return c.hierarchy.model_dump(mode="json")
+
+
+def _config_hash(c: Any) -> str:
+    fn = getattr(c, "config_hash", None)
+    if callable(fn):
+        return str(fn())
+    text = json.dumps(_config(c), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _toml_key(key: str) -> str:
+    if key and all(ch.isalnum() or ch in "_-" for ch in key):
+        return key
+    return json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}"
+                                for k, v in value.items() if v is not None) + " }"
+    return json.dumps(str(value))
+
+
+def toml_dumps(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    """A small TOML writer for resolved configurations (``None`` values are left out)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and value and all(v is None or isinstance(v, dict | list)
+                                                     or True for v in value.values()):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(str(key))} = {_toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = ".".join(_toml_key(str(k)) for k in (*prefix, key))
+        body = toml_dumps(value, (*prefix, key))
+        out += ("\n\n" if out else "") + f"[{name}]" + ("\n" + body if body else "")
+    return out
+
+
+class _Stop(Exception):
+    """Internal: unwind the cycle recursion (time budget, stop on divergence)."""
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Runs a compiled hierarchy; also the host of the level solver and the correction."""
+
+    def __init__(self, compiled: Any, *, out_dir: Path | str | None = None,
+                 resume: Path | str | None = None, device: str | None = None,
+                 quiet: bool = False, validate: bool = True, force: bool = False) -> None:
+        self.c = compiled
+        self.h = compiled.hierarchy
+        self.spec = self.h.mlsgd
+        self.quiet = quiet
+        spec = self.spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        torch.set_flush_denormal(True)  # 13x slower evaluation of fresh networks otherwise
+        self.device = _select_device(device, spec.device)
+
+        if resume is not None:
+            resume = Path(resume)
+            if not resume.is_dir():
+                raise RunError(f"cannot resume: {resume} is not a run folder")
+            out_dir = Path(out_dir) if out_dir is not None else resume
+        if out_dir is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            out_dir = Path("runs") / f"{self.h.name}-{stamp}"
+        self.out_dir = Path(out_dir)
+        self.resume_dir = resume
+        self.force = force
+
+        if validate:
+            self._validate()
+
+        torch.manual_seed(spec.seed)
+        random.seed(spec.seed)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+        self.sgd = spec.method == "sgd"
+        self.finest = compiled.finest
+        self.n_paths = max(1, len(getattr(compiled, "paths", [None])))
+        if self.sgd:
+            used = [self.finest]
+        else:
+            used = []
+            for k in range(self.n_paths):
+                for name in compiled.path(k):
+                    if name not in used:
+                        used.append(name)
+        self.used = used
+        data = compiled.data(self.device)
+        states = self._initial_states(used)
+        aug = self.h.data.augment
+        obj = spec.objective
+        self.levels: dict[str, Level] = {}
+        for name in used:
+            model = compiled.model(name)
+            model.load_state_dict(states[name])
+            model.to(self.device)
+            splits = data[name]
+            fill = splits.black() if hasattr(splits, "black") else 0.0
+            self.levels[name] = Level(
+                name, model, splits, h=compiled.h(name),
+                lr=compiled.for_level(spec.lr, name),
+                batch_size=compiled.for_level(spec.batch_size, name),
+                epochs=compiled.for_level(spec.epochs, name),
+                optimizer=compiled.for_level(spec.optimizer, name),
+                l2=obj.l2, smoothness=obj.smoothness, device=self.device,
+                augment=Augment(flip=aug.flip, crop=aug.crop, fill=fill))
+        fin = self.levels[self.finest]
+        if self.sgd:
+            total = spec.sgd_epochs if spec.sgd_epochs is not None else \
+                spec.cycles * fin.epochs
+            self.sgd_total = float(total)
+            self.n_cycles = max(1, math.ceil(self.sgd_total - 1e-9))
+        else:
+            self.n_cycles = spec.cycles
+        self.total_epochs = self.planned_epochs()
+        self.schedule = Schedule(spec.schedule, self.total_epochs)
+        self.strategy: Correction = compiled.correction() if not self.sgd else Correction()
+        self.no_correction = Correction()
+        self.divergence_factor = spec.divergence.factor
+        self.eval_every = spec.eval.every
+        self.config_hash = _config_hash(compiled)
+
+        # per-run counters (checkpointed)
+        self.global_epoch = 0.0
+        self.cycles_done = 0
+        self.train_time0 = 0.0
+        self.wall_time0 = 0.0
+        self.stop_reason: str | None = None
+        self.last_val: tuple[float, float] | None = None
+        # per-cycle state
+        self.cycle = 0
+        self.anchor: dict[str, list[Tensor]] = {}
+        self.corr: dict[str, LevelCorrection | None] = {}
+        self.started: dict[str, bool] = {}
+        self.pending: dict[str, list[Tensor] | None] = {}
+        self.angle_gradient: list[Tensor] | None = None
+        self._grad_cache: dict[tuple, list[Tensor]] = {}
+        self._samples: dict[float, Sample] = {}
+        self._finest_version_evaluated = -1
+        self.log: MetricsLog | None = None
+        self.bar = None
+        self.hook = compiled.registry.hook() if getattr(compiled, "registry", None) else None
+        self._t0 = time.perf_counter()
+        self._excluded = 0.0
+        self._excluded_depth = 0
+        self.strategy_k: Correction = self.no_correction
+        self._resume_ck = self._load_resume_checkpoint() if resume is not None else None
+
+    # ------------------------------------------------------------------ setup
+
+    def _validate(self) -> None:
+        try:
+            from ..validation import validate as run_checks
+        except ImportError:
+            return
+        report = run_checks(self.c)
+        if not report.ok:
+            failed = [r for r in report.rows if r.status == "fail"]
+            text = "; ".join(f"{r.name}: {r.detail}" for r in failed[:5])
+            raise ConfigError(f"the hierarchy fails validation ({len(failed)} check(s)): "
+                              f"{text}", file=getattr(self.c, "file", None))
+
+    def _initial_states(self, used: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        """Initial full state dicts: nested (prolongated from the coarsest) or independent."""
+        c = self.c
+        states: dict[str, dict[str, Tensor]] = {}
+        if self.spec.init == "independent":
+            for name in used:
+                states[name] = c.model(name).state_dict()
+            return states
+        graph = c.graph
+        for name in c.levels:  # coarsest first: predecessors are done before their successors
+            preds = [p for p in c.levels if graph.has_edge(p, name)]
+            if not preds:
+                states[name] = c.model(name).state_dict()
+            else:
+                edge = c.transfer(preds[0], name)
+                with torch.no_grad():
+                    states[name] = edge.prolongate(states[preds[0]])
+        return {n: states[n] for n in used}
+
+    def planned_epochs(self) -> float:
+        """Epochs on all levels the run plans (the horizon of cosine / one-cycle)."""
+        if self.sgd:
+            return self.sgd_total
+        total = 0.0
+        for k in range(self.n_cycles):
+            for name in visit_order(self.c.path(k), self.spec.cycle):
+                total += self.levels[name].epochs
+        return total
+
+    # ------------------------------------------------------------------ clocks
+
+    def _now_train(self) -> float:
+        return self.train_time0 + (time.perf_counter() - self._t0) - self._excluded
+
+    def _now_wall(self) -> float:
+        return self.wall_time0 + (time.perf_counter() - self._t0)
+
+    class _Excluded:
+        def __init__(self, trainer: Trainer) -> None:
+            self.t = trainer
+
+        def __enter__(self) -> None:
+            self.t._excluded_depth += 1
+            if self.t._excluded_depth == 1:
+                self.t._excluded_start = time.perf_counter()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.t._excluded_depth -= 1
+            if self.t._excluded_depth == 0:
+                self.t._excluded += time.perf_counter() - self.t._excluded_start
+
+    def excluded(self) -> Trainer._Excluded:
+        """Context in which time does not count as training time (evaluation, checkpoints)."""
+        return Trainer._Excluded(self)
+
+    # ------------------------------------------------------------------ level-solver host
+
+    def lr(self, base: float, epoch: float, step: float = 0.0) -> float:
+        return self.schedule.lr(base, epoch, step)
+
+    def schedule_constant(self) -> bool:
+        return self.schedule.constant_within(0.0)
+
+    def deadline(self) -> float | None:
+        if self.spec.time_budget is None:
+            return None
+        # perf_counter value at which train time reaches the budget
+        return self._t0 + self._excluded + (self.spec.time_budget - self.train_time0)
+
+    def epoch_end(self, level: Level, stats: EpochStats) -> None:
+        row = self._row(level.name, stats)
+        fin = level.name == self.finest
+        if fin and (self.eval_every == "epoch" or (self.eval_every == "level" and stats.last)):
+            self._evaluate_into(row)
+        self._write(row)
+        if self.bar is not None:
+            self.bar.update(stats.fraction)
+            self.bar.set_postfix(cycle=self.cycle, level=level.name,
+                                 epoch=f"{stats.visit_epoch:g}", loss=f"{stats.loss:.3f}",
+                                 acc=f"{stats.acc:.3f}", refresh=False)
+
+    # ------------------------------------------------------------------ correction host
+
+    def gradient(self, level: str, sample: Sample | None = None, *,
+                 model: nn.Module | None = None) -> list[Tensor]:
+        lv = self.levels[level]
+        key = (level, lv.version if model is None else ("model", id(model)),
+               sample.key if sample is not None else "full")
+        if model is None and key in self._grad_cache:
+            return self._grad_cache[key]
+        # gradient passes are training work: they count as training time
+        g = lv.objective.gradient(lv.data.train_x, lv.data.train_y,
+                                  batch_size=self.spec.full_batch_size,
+                                  indices=sample.indices if sample is not None else None,
+                                  eval_mode=True, model=model)
+        if model is None:
+            self._grad_cache[key] = g
+        return g
+
+    def sample(self, fraction: float) -> Sample:
+        fraction = float(fraction)
+        if fraction not in self._samples:
+            n = len(self.levels[self.finest].data.train_x)
+            m = max(1, min(n, round(fraction * n)))
+            idx = torch.randperm(n, generator=self.generator)[:m].sort().values
+            self._samples[fraction] = Sample(indices=idx.to(self.device), fraction=fraction,
+                                             cycle=self.cycle)
+        return self._samples[fraction]
+
+    def snapshot(self, level: str) -> nn.Module:
+        model = self.levels[level].model
+        try:
+            snap = copy.deepcopy(model)
+        except Exception:  # a model deepcopy cannot handle: rebuild and load
+            snap = self.c.model(level).to(self.device)
+            snap.load_state_dict(model.state_dict())
+        for p in snap.parameters():
+            p.requires_grad_(True)
+        return snap
+
+    def at_start(self, level: str) -> bool:
+        return self.started.get(level, False)
+
+    # ------------------------------------------------------------------ rows & evaluation
+
+    def _row(self, level: str, stats: EpochStats | None, event: str = "") -> dict[str, Any]:
+        lv = self.levels[level]
+        return {
+            "cycle": self.cycle, "level": level,
+            "visit_epoch": stats.visit_epoch if stats else None,
+            "epoch": lv.epochs_done, "global_epoch": self.global_epoch,
+            "lr": stats.lr if stats else None,
+            "train_loss": stats.loss if stats else None,
+            "train_acc": stats.acc if stats else None,
+            "val_loss": None, "val_acc": None,
+            "wall_time": self._now_wall(), "train_time": self._now_train(),
+            "event": stats.event if stats else event,
+        }
+
+    def _evaluate_into(self, row: dict[str, Any]) -> None:
+        fin = self.levels[self.finest]
+        if fin.version == self._finest_version_evaluated and self.last_val is not None:
+            return
+        with self.excluded():
+            splits = fin.data
+            loss, acc = fin.objective.evaluate(splits.val_x, splits.val_y,
+                                               batch_size=self.spec.eval.batch_size)
+        self.last_val = (loss, acc)
+        self._finest_version_evaluated = fin.version
+        row["val_loss"], row["val_acc"] = loss, acc
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with self.excluded():
+            if self.log is not None:
+                self.log.append(row)
+            if self.hook is not None:
+                self.hook.mlsgd_epoch_end(run=self, record=row)
+
+    def _event(self, level: str, event: str, evaluate: bool = False) -> None:
+        row = self._row(level, None, event)
+        if evaluate:
+            self._evaluate_into(row)
+        self._write(row)
+
+    # ------------------------------------------------------------------ the cycle driver
+
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    def _lam(self, level: str) -> float:
+        return self.spec.step_regularization if level != self.finest else 0.0
+
+    def _level_gradient(self, level: str) -> list[Tensor]:
+        """Estimate of Euclidean ∇H_l at the level's current weights (λ term included)."""
+        g = self.strategy_k.level_gradient(self, level, self.corr.get(level))
+        lam = self._lam(level)
+        if lam and not self.at_start(level) and level in self.anchor:
+            lv = self.levels[level]
+            with torch.no_grad():
+                g = [a + lam * lv.h * (p.detach() - w0)
+                     for a, p, w0 in zip(g, lv.params, self.anchor[level])]
+        return g
+
+    def begin_cycle(self, k: int) -> None:
+        self.cycle = k
+        self._grad_cache.clear()
+        self._samples.clear()
+        self.corr.clear()
+        self.anchor.clear()
+        self.started.clear()
+        self.pending.clear()
+        self.angle_gradient = None
+        self.strategy_k = self.strategy if k >= self.spec.uncorrected_cycles \
+            else self.no_correction
+        fin = self.levels[self.finest]
+        if self.sgd:
+            return
+        self.anchor[self.finest] = fin.detached_params()  # w_{L,k,0}
+        self.started[self.finest] = True
+        self.pending[self.finest] = None
+        self.corr[self.finest] = self.strategy_k.prepare(self, self.finest, None)
+        angle = self.spec.angle
+        if angle is not None:
+            sample = None if angle.gradient == "full" else self.sample(angle.fraction)
+            self.angle_gradient = self.gradient(self.finest, sample)
+
+    def descend(self, fine: str, coarse: str) -> bool:
+        fl, cl = self.levels[fine], self.levels[coarse]
+        corrected = self.strategy_k.needs_fine_gradient(self.cycle)
+        early = self.spec.early_stop
+        tr = self.c.transfer(coarse, fine)
+        target = None
+        if corrected or early is not None:
+            g = self._level_gradient(fine)
+            # P*∇_l H_l with ∇_l = ∇/h_l; the Euclidean target is h_{l-1}·P*∇_l H_l = Pᵀ∇H_l
+            pstar = tr.adjoint(dict(zip(fl.names, [t / fl.h for t in g])))
+            pstar = [pstar[n] for n in cl.names]
+            if early is not None:
+                coarse_norm = math.sqrt(cl.h) * norm(pstar)       # ‖P*∇_l H_l‖_{l-1}
+                fine_norm = math.sqrt(fl.h) * norm(g) / fl.h      # ‖∇_l H_l‖_l
+                if coarse_norm < early.eta * fine_norm or coarse_norm < early.epsilon:
+                    self._event(fine, f"early_stop:{coarse}")
+                    return False
+            if corrected:
+                target = [cl.h * t for t in pstar]
+        if self.spec.angle is not None:
+            pend = self.pending.get(fine)
+            if not self.at_start(fine):
+                with torch.no_grad():
+                    d = torch._foreach_sub([p.detach() for p in fl.params], self.anchor[fine])
+                    if fine != self.finest:
+                        up = self.c.transfer(fine, self.finest).prolongate(
+                            dict(zip(fl.names, d)))
+                        d = [up[n] for n in self.levels[self.finest].names]
+                    pend = d if pend is None else torch._foreach_add(pend, d)
+            self.pending[coarse] = pend
+        with torch.no_grad():
+            cl.load_state(tr.restrict(fl.model.state_dict()))
+        self.anchor[coarse] = cl.detached_params()  # w_{l,0} = R w_{l+1}
+        self.started[coarse] = True
+        if self.spec.optimizer_state == "transfer" and fl.optimizer is not None:
+            m = get_first_moment(fl.optimizer, fl.params)
+            if m is not None:
+                if cl.optimizer is None:
+                    cl.new_optimizer()
+                rm = tr.restrict(dict(zip(fl.names, m)))
+                set_first_moment(cl.optimizer, cl.params, [rm[n] for n in cl.names])
+        self.corr[coarse] = self.strategy_k.prepare(self, coarse, target) if corrected else None
+        return True
+
+    def ascend(self, coarse: str, fine: str) -> None:
+        cl, fl = self.levels[coarse], self.levels[fine]
+        tr = self.c.transfer(coarse, fine)
+        with torch.no_grad():
+            step = torch._foreach_sub([p.detach() for p in cl.params], self.anchor[coarse])
+            moved = any(bool(s.any()) for s in step)
+            if moved:
+                up = tr.prolongate(dict(zip(cl.names, step)))  # P s_{l-1}
+                fl.add_to_params([up[n] for n in fl.names])
+                self.started[fine] = False
+        if self.spec.optimizer_state == "transfer" and cl.optimizer is not None:
+            m = get_first_moment(cl.optimizer, cl.params)
+            if m is not None:
+                if fl.optimizer is None:
+                    fl.new_optimizer()
+                pm = tr.prolongate(dict(zip(cl.names, m)))
+                set_first_moment(fl.optimizer, fl.params, [pm[n] for n in fl.names])
+        if moved and self.spec.bn_recalibration > 0 and bn.has_batchnorm(fl.model):
+            if bn.recalibrate(fl.model, fl.data.train_x, images=self.spec.bn_recalibration,
+                              batch_size=fl.batch_size, generator=self.generator):
+                fl.version += 1
+        if moved and fine == self.finest and self.eval_every in ("epoch", "level"):
+            self._event(fine, "prolongated", evaluate=True)
+
+    def smooth(self, level: str) -> None:
+        lv = self.levels[level]
+        if self.sgd or self.spec.optimizer_state != "reset":
+            if lv.optimizer is None:
+                lv.new_optimizer()
+        else:
+            lv.new_optimizer()
+        epochs = lv.epochs
+        if self.sgd:
+            epochs = min(1.0, self.sgd_total - self.cycle)
+        angle = None
+        if self.angle_gradient is not None and not self.sgd:
+            spec = self.spec.angle
+            angle = AngleCheck(
+                gradient=self.angle_gradient, mu=spec.mu, every=spec.every,
+                prolongate=(self.c.transfer(level, self.finest).prolongate
+                            if level != self.finest else None),
+                level_names=lv.names, fine_names=self.levels[self.finest].names,
+                anchor=self.anchor[level], pending=self.pending.get(level))
+        lam = self._lam(level)
+        visit = Visit(epochs=epochs, correction=self.corr.get(level),
+                      anchor=self.anchor.get(level), lam=lam if level in self.anchor else 0.0,
+                      angle=angle)
+        result = train_visit(lv, visit, self)
+        if result.steps:
+            self.started[level] = False
+        if result.status == "diverged":
+            if result.nan and level == self.finest:
+                stats = result.stats[-1] if result.stats else None
+                raise RunError(
+                    f"the loss became {stats.loss if stats else 'NaN'} on the finest level "
+                    f"{level!r} in cycle {self.cycle}, epoch {result.epoch_index} of the "
+                    f"visit; the last good checkpoint (after cycle {self.cycles_done}) is in "
+                    f"{self.out_dir}", file=getattr(self.c, "file", None))
+            if self.spec.divergence.action == "stop":
+                self.stop_reason = f"diverged on level {level} in cycle {self.cycle}"
+        elif result.status == "time":
+            self.stop_reason = "time budget"
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self, completed: int) -> None:
+        if self.h.report.checkpoint == "none":
+            return
+        with self.excluded():
+            keep = self.sgd or self.spec.optimizer_state != "reset"
+            payload = {
+                "format": CHECKPOINT_FORMAT,
+                "config_hash": self.config_hash,
+                "cycles_done": completed,
+                "rows": self.log.rows_written if self.log else 0,
+                "global_epoch": self.global_epoch,
+                "level_epochs": {n: lv.epochs_done for n, lv in self.levels.items()},
+                "train_time": self._now_train(),
+                "wall_time": self._now_wall(),
+                "finest": self.levels[self.finest].model.state_dict(),
+                "optimizers": {n: lv.optimizer.state_dict() for n, lv in self.levels.items()
+                               if keep and lv.optimizer is not None},
+                "rng": rng_state(),
+                "generator": self.generator.get_state(),
+                "stop_reason": self.stop_reason,
+                "schedule": {"kind": self.spec.schedule.kind,
+                             "total_epochs": self.total_epochs},
+            }
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, payload)
+
+    def _load_resume_checkpoint(self) -> dict[str, Any]:
+        path = latest_checkpoint(self.resume_dir)
+        if path is None:
+            raise RunError("no checkpoint to resume from", file=str(self.resume_dir))
+        ck = load_checkpoint(path, map_location=self.device)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"checkpoint format {ck.get('format')!r} is not "
+                           f"{CHECKPOINT_FORMAT}", file=str(path))
+        if ck.get("config_hash") != self.config_hash and not self.force:
+            raise RunError(
+                f"the hierarchy changed since this checkpoint (config hash "
+                f"{ck.get('config_hash')} → {self.config_hash}); resume with --force to "
+                "continue anyway", file=str(path))
+        return ck
+
+    def _restore(self) -> int:
+        ck = self._resume_ck
+        self.levels[self.finest].load_state(ck["finest"])
+        for name, state in ck.get("optimizers", {}).items():
+            if name in self.levels:
+                lv = self.levels[name]
+                lv.new_optimizer().load_state_dict(state)
+        for name, epochs in ck.get("level_epochs", {}).items():
+            if name in self.levels:
+                self.levels[name].epochs_done = float(epochs)
+        self.global_epoch = float(ck["global_epoch"])
+        self.train_time0 = float(ck["train_time"])
+        self.wall_time0 = float(ck["wall_time"])
+        # a run stopped early (time budget, divergence) continues when resumed explicitly;
+        # the budget counts the training time of all sessions
+        set_rng_state(ck["rng"])
+        self.generator.set_state(ck["generator"].to("cpu", torch.uint8))
+        self.log = MetricsLog(self.out_dir, resume_rows=int(ck["rows"]))
+        return int(ck["cycles_done"])
+
+    # ------------------------------------------------------------------ the run
+
+    def _write_config(self) -> None:
+        cfg = _config(self.c)
+        atomic_write_bytes(self.out_dir / "resolved.json",
+                           (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(self.out_dir / "resolved.toml",
+                           (toml_dumps(cfg) + "\n").encode("utf-8"))
+
+    def start(self) -> int:
+        """Open the run folder (or restore the checkpoint); return the first cycle to run."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume_dir is not None:
+            start = self._restore()
+        else:
+            self.log = MetricsLog(self.out_dir)
+            start = 0
+        self._t0 = time.perf_counter()
+        self._excluded = 0.0
+        self._write_config()
+        if start == 0 and self.resume_dir is None:
+            self._checkpoint(0)
+        return start
+
+    def fit(self) -> dict[str, Any]:
+        """Train all cycles, then evaluate and write the summary; returns the summary."""
+        start = self.start()
+        if self.hook is not None:
+            self.hook.mlsgd_run_start(run=self)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=round(self.total_epochs, 6), initial=round(self.global_epoch, 6),
+                        unit="ep", disable=self.quiet, dynamic_ncols=True, leave=False,
+                        file=sys.stderr, desc=self.h.name)
+        try:
+            k = start
+            while k < self.n_cycles and self.stop_reason is None:
+                self.begin_cycle(k)
+                if self.sgd:
+                    self.smooth(self.finest)
+                else:
+                    run_cycle_recursion(self, self.c.path(k), self.spec.cycle)
+                if self.stop_reason is not None and self.stop_reason == "time budget":
+                    break  # an interrupted cycle is not a completed one
+                k += 1
+                self.cycles_done = k
+                if self.eval_every == "cycle":
+                    self._event(self.finest, "cycle", evaluate=True)
+                self._checkpoint(k)
+                if self.hook is not None:
+                    self.hook.mlsgd_cycle_end(run=self, cycle=k - 1)
+            self.cycles_done = k
+        except KeyboardInterrupt:
+            self.bar.close()
+            raise RunError(
+                f"interrupted during cycle {self.cycle}; the checkpoint after cycle "
+                f"{self.cycles_done} is in {self.out_dir} — continue with --resume "
+                f"{self.out_dir}") from None
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        from .summary import build_summary, write_summary
+
+        fin = self.levels[self.finest]
+        spec = self.spec
+        with self.excluded():
+            d = fin.data
+            bsz = spec.eval.batch_size
+            train_loss, train_acc = fin.objective.evaluate(d.train_x, d.train_y, batch_size=bsz)
+            val_loss, val_acc = fin.objective.evaluate(d.val_x, d.val_y, batch_size=bsz) \
+                if len(d.val_x) else (float("nan"), float("nan"))
+            test_loss, test_acc = fin.objective.evaluate(d.test_x, d.test_y, batch_size=bsz)
+        rows = read_rows(self.out_dir) if self.log is not None and self.log.rows_written \
+            else []
+        final = {
+            "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
+            "train_loss": train_loss, "val_loss": val_loss, "test_loss": test_loss,
+            "training_time": self._now_train(), "wall_time": self._now_wall(),
+            "cycles": self.cycles_done, "stopped": self.stop_reason,
+            "global_epochs": self.global_epoch,
+            "lr": spec.lr if not isinstance(spec.lr, dict) else json.dumps(spec.lr),
+            "schedule": spec.schedule.kind,
+            "correction": self.strategy.describe() if not self.sgd else "none",
+            "variance_reduction": bool(getattr(self.strategy, "variance_reduction", False)),
+            "cycle_kind": None if self.sgd else spec.cycle,
+            "config_hash": self.config_hash,
+        }
+        summary = build_summary(rows, name=self.h.name, method=spec.method,
+                                thresholds=list(self.h.report.thresholds), final=final)
+        summary["run_dir"] = str(self.out_dir)
+        write_summary(self.out_dir, summary)
+        if self.h.report.plot and rows:
+            try:
+                from .plots import plot_accuracy
+
+                plot_accuracy(rows, self.out_dir / "accuracy.png",
+                              title=f"{self.h.name} ({spec.method})")
+            except ImportError:  # matplotlib missing: the numbers are in the summary
+                pass
+        if self.hook is not None:
+            self.hook.mlsgd_run_end(run=self, summary=summary)
+        return summary
+
+
+def run(compiled: Any, *, out_dir: Path | str | None = None, resume: Path | str | None = None,
+        device: str | None = None, quiet: bool = False, validate: bool = True,
+        force: bool = False) -> dict[str, Any]:
+    """Train ``compiled`` and return the run summary (also written to the run folder).
+
+    ``resume``: a run folder; training continues after its last checkpoint (no cycle repeated
+    or lost). A changed configuration is refused (:class:`~mlsgd_dsl.errors.RunError`) unless
+    ``force``. ``device``: "auto" | "cpu" | "cuda" (default: ``mlsgd.device``).
+    """
+    trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device, quiet=quiet,
+                      validate=validate, force=force)
+    try:
+        return trainer.fit()
+    except UserError:
+        raise

@@ -1,0 +1,215 @@
+"""Test helpers for plugin authors: every numerical coherence check on one rule, in isolation.
+
+A transfer rule's test is three lines::
+
+    from mlsgd_dsl.testing import assert_rule_coherent
+
+    def test_my_rule():
+        assert_rule_coherent("my.rule", coarse={"w": (4, 3)}, fine={"w": (8, 3)})
+
+:func:`check_rule` binds the rule to the given tensor names and shapes exactly as the compiler
+would (a :class:`~mlsgd_dsl.api.GroupSpec` between a level ``"coarse"`` and a level ``"fine"``)
+and runs, in float64 on seeded random inputs, the same rows ``mlsgd-dsl validate`` prints for a
+rule — shapes of ``P`` and ``R``, ``R∘P = I`` (when the operator promises it with
+``left_inverse = True``), the closed-form ``Pᵀ`` against autograd's vector-Jacobian product of
+``P`` and the adjoint identity ``h_fine⟨P x, y⟩ = h_coarse⟨x, P* y⟩`` — plus linearity of
+``P``, ``R`` and ``Pᵀ``. :func:`assert_rule_coherent` raises :class:`AssertionError` listing the
+failing rows. :func:`check_hierarchy` loads, compiles and validates a whole file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import Tensor
+
+from .api import CheckRow, GroupOperator, GroupSpec, TransferBindError, TransferRule
+from .operators import BoundGroup, EdgeTransfer
+from .registry import Entry, Registry, default_registry
+from .validation import TOL, Report, _group_rows, _norm, _random, validate
+
+__all__ = ["assert_hierarchy_valid", "assert_rule_coherent", "bind_rule", "check_hierarchy",
+           "check_rule", "CheckRow", "Report"]
+
+Shape = Sequence[int] | torch.Size
+Hints = Mapping[str, Mapping[str, Any]]
+
+COARSE, FINE = "coarse", "fine"
+
+
+def _resolve(rule: TransferRule | str, registry: Registry | None) -> tuple[TransferRule, Any]:
+    """The rule record and, for a registered name, its registry entry (for labels)."""
+    if isinstance(rule, TransferRule):
+        return rule, None
+    reg = registry or default_registry()
+    entry = reg.get("transfer rules", rule)
+    return entry.record, entry
+
+
+def _options(rule: TransferRule, options: BaseModel | Mapping[str, Any] | None) -> BaseModel:
+    if isinstance(options, BaseModel):
+        return options
+    try:
+        return rule.options.model_validate(dict(options or {}))
+    except ValidationError as exc:
+        raise ValueError(f"options of rule {rule.name!r}: {exc}") from None
+
+
+def _spec(coarse: Mapping[str, Shape], fine: Mapping[str, Shape], *, h_coarse: float,
+          h_fine: float, hints: Hints | None, coarse_hints: Hints | None,
+          fine_hints: Hints | None, pattern: str) -> GroupSpec:
+    shared = dict(hints or {})
+    return GroupSpec(
+        pattern=pattern,
+        coarse={n: torch.Size(s) for n, s in coarse.items()},
+        fine={n: torch.Size(s) for n, s in fine.items()},
+        coarse_level=COARSE, fine_level=FINE, h_coarse=float(h_coarse), h_fine=float(h_fine),
+        coarse_hints={n: v for n, v in {**shared, **dict(coarse_hints or {})}.items()
+                      if n in coarse},
+        fine_hints={n: v for n, v in {**shared, **dict(fine_hints or {})}.items() if n in fine})
+
+
+def bind_rule(rule: TransferRule | str, coarse: Mapping[str, Shape], fine: Mapping[str, Shape],
+              *, options: BaseModel | Mapping[str, Any] | None = None, h_coarse: float = 1.0,
+              h_fine: float = 1.0, hints: Hints | None = None,
+              coarse_hints: Hints | None = None, fine_hints: Hints | None = None,
+              pattern: str = "*", registry: Registry | None = None) -> GroupOperator:
+    """Bind ``rule`` as the compiler would and return its operator (errors propagate).
+
+    ``rule`` is a :class:`~mlsgd_dsl.api.TransferRule` or the name of an installed one;
+    ``options`` a mapping validated by the rule's options model (as in a hierarchy file).
+    ``hints`` are per-tensor facts given to both levels (a model's ``transfer_hints``);
+    ``coarse_hints`` / ``fine_hints`` override them per level.
+    """
+    record, _ = _resolve(rule, registry)
+    spec = _spec(coarse, fine, h_coarse=h_coarse, h_fine=h_fine, hints=hints,
+                 coarse_hints=coarse_hints, fine_hints=fine_hints, pattern=pattern)
+    return record.bind(spec, _options(record, options))
+
+
+def _linearity_rows(name: str, label: str, op: GroupOperator, gen: torch.Generator
+                    ) -> list[CheckRow]:
+    """P, R and Pᵀ must be linear: f(a·x + b·y) = a·f(x) + b·f(y)."""
+    a, b = 0.7, -1.3
+    maps: list[tuple[str, Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                     Mapping[str, torch.Size]]] = [
+        ("P", op.prolongate, op.spec.coarse),
+        ("R", op.restrict, op.spec.fine),
+        ("Pᵀ", op.transpose, op.spec.fine),
+    ]
+    worst, where = 0.0, ""
+    for map_name, f, shapes in maps:
+        x, y = _random(shapes, gen), _random(shapes, gen)
+        try:
+            mixed = f({n: a * x[n] + b * y[n] for n in x})
+            fx, fy = f(x), f(y)
+            diff = {n: mixed[n] - (a * fx[n] + b * fy[n]) for n in mixed}
+        except Exception as exc:
+            return [CheckRow(f"{name}: linearity", "fail",
+                             f"{label}: {map_name} raised {type(exc).__name__}: {exc}")]
+        scale = max(_norm(mixed), abs(a) * _norm(fx) + abs(b) * _norm(fy), 1e-300)
+        err = _norm(diff) / scale
+        if err >= worst:
+            worst, where = err, map_name
+    if worst < TOL:
+        return [CheckRow(f"{name}: linearity", "pass",
+                         f"P, R, Pᵀ linear (worst relative error {worst:.1e})")]
+    return [CheckRow(f"{name}: linearity", "fail",
+                     f"{label}: {where} is not linear (relative error {worst:.1e})")]
+
+
+def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
+               fine: Mapping[str, Shape], *,
+               options: BaseModel | Mapping[str, Any] | None = None, h_coarse: float = 1.0,
+               h_fine: float = 1.0, hints: Hints | None = None,
+               coarse_hints: Hints | None = None, fine_hints: Hints | None = None,
+               seed: int = 0, pattern: str = "*",
+               registry: Registry | None = None) -> list[CheckRow]:
+    """Bind ``rule`` in isolation and run every numerical coherence check; returns the rows.
+
+    ``coarse`` / ``fine`` map tensor names to shapes (what the rule's pattern would match on
+    the two levels). A bind error is a ``fail`` row (``bind``), not an exception, so a test can
+    also assert that a rule *refuses* shapes it does not support. Rows, in order: ``bind``,
+    ``shapes``, ``R∘P = I``, ``adjoint`` (Pᵀ vs autograd and the inner-product identity with
+    ``P* = (h_fine/h_coarse)·Pᵀ``), ``linearity``. Every row's status is ``pass`` / ``fail``.
+    """
+    record, entry = _resolve(rule, registry)
+    label = entry.label() if entry is not None else f"rule {record.name}"
+    prefix = f"{COARSE}->{FINE} {pattern} [{record.name}]"
+    rows = []
+    options = _options(record, options)  # a mistake in the test itself: raises ValueError
+    try:
+        op = bind_rule(record, coarse, fine, options=options, h_coarse=h_coarse, h_fine=h_fine,
+                       hints=hints, coarse_hints=coarse_hints, fine_hints=fine_hints,
+                       pattern=pattern)
+    except TransferBindError as exc:
+        return [CheckRow(f"{prefix}: bind", "fail", f"{label}: {exc}")]
+    except Exception as exc:  # what the compiler reports as a PluginFailure
+        return [CheckRow(f"{prefix}: bind", "fail",
+                         f"{label}: raised {type(exc).__name__} while binding: {exc}")]
+    if not isinstance(op, GroupOperator):
+        return [CheckRow(f"{prefix}: bind", "fail", f"{label}: bind returned "
+                         f"{type(op).__name__}, not a GroupOperator")]
+    rows.append(CheckRow(f"{prefix}: bind", "pass",
+                         f"{len(op.spec.coarse)} coarse / {len(op.spec.fine)} fine tensors"))
+
+    # The rows `validate` prints, from validation._group_rows, on a one-rule, one-edge shim.
+    edge = EdgeTransfer(coarse=COARSE, fine=FINE, h_coarse=float(h_coarse),
+                        h_fine=float(h_fine),
+                        full=[], params=[BoundGroup(pattern, record.name, op)],
+                        coarse_names=tuple(op.spec.coarse), fine_names=tuple(op.spec.fine),
+                        coarse_params=tuple(op.spec.coarse), fine_params=tuple(op.spec.fine))
+    items: dict[str, Entry] = {record.name: entry} if entry is not None else {}
+    compiled = SimpleNamespace(registry=SimpleNamespace(items={"transfer rules": items}))
+    report = Report()
+    gen = torch.Generator().manual_seed(seed)
+    _group_rows(compiled, edge, edge.params[0], gen, report)  # type: ignore[arg-type]
+    rows.extend(report.rows)
+    if any(r.name.endswith(": shapes") and r.status == "pass" for r in report.rows):
+        rows.extend(_linearity_rows(prefix, label, op, gen))
+    return rows
+
+
+def _failures(rows: Sequence[CheckRow]) -> list[CheckRow]:
+    return [r for r in rows if r.status == "fail"]
+
+
+def _raise(rows: Sequence[CheckRow], what: str) -> None:
+    bad = _failures(rows)
+    if bad:
+        lines = "\n".join(f"  {r.name}: {r.status}: {r.detail}" for r in bad)
+        raise AssertionError(f"{what}: {len(bad)} check(s) failed:\n{lines}")
+
+
+def assert_rule_coherent(rule: TransferRule | str, coarse: Mapping[str, Shape],
+                         fine: Mapping[str, Shape], **kwargs: Any) -> list[CheckRow]:
+    """:func:`check_rule`, raising :class:`AssertionError` with the failing rows; returns rows."""
+    rows = check_rule(rule, coarse, fine, **kwargs)
+    name = rule.name if isinstance(rule, TransferRule) else rule
+    _raise(rows, f"rule {name!r}")
+    return rows
+
+
+def check_hierarchy(path: str | Path, overrides: Any = None, *,
+                    registry: Registry | None = None, seed: int = 0) -> Report:
+    """Load, compile and validate a hierarchy file; returns the report ``validate`` prints.
+
+    Errors in the file (or a broken plugin it uses) raise :class:`~mlsgd_dsl.errors.UserError`
+    as ``mlsgd-dsl validate`` would report them.
+    """
+    from .compiler import compile as compile_hierarchy
+    from .loader import load
+
+    return validate(compile_hierarchy(load(path, overrides, registry=registry)), seed=seed)
+
+
+def assert_hierarchy_valid(path: str | Path, overrides: Any = None, **kwargs: Any) -> Report:
+    """:func:`check_hierarchy`, raising :class:`AssertionError` with the failing rows."""
+    report = check_hierarchy(path, overrides, **kwargs)
+    _raise(report.rows, str(path))
+    return report

@@ -1,0 +1,191 @@
+"""Shared fixtures: the plugin registry, hierarchy files written on the fly, the CLI in-process."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlsgd_dsl import registry as registry_module
+
+ROOT = Path(__file__).resolve().parents[1]
+HIERARCHIES = ROOT / "hierarchies"
+CORRECTIONS = "mlsgd_dsl.builtins.corrections"
+
+
+def _corrections_stand_in() -> types.ModuleType:
+    """A built-in-shaped module providing the correction names hierarchy files use."""
+    from pydantic import BaseModel, ConfigDict
+
+    from mlsgd_dsl.api import CorrectionStrategy
+    from mlsgd_dsl.hookspecs import hookimpl
+
+    class AnyOptions(BaseModel):  # the real strategies' options are not known here
+        model_config = ConfigDict(extra="allow")
+
+    module = types.ModuleType(CORRECTIONS)
+    module.MLSGD_DSL_API = ">=1.0"
+
+    @hookimpl
+    def mlsgd_corrections() -> list[CorrectionStrategy]:
+        return [CorrectionStrategy(name, AnyOptions, lambda options: None)
+                for name in ("none", "deterministic", "stochastic")]
+
+    module.mlsgd_corrections = mlsgd_corrections
+    return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _corrections_available() -> Any:
+    """Until the real corrections plugin exists, stand in for it.
+
+    The stand-in sits in ``sys.modules`` under the built-in's name, so every registry built in
+    this session (``build_registry()``, the CLI's own, the default one) picks it up exactly
+    as it will pick up the real module; it is never used once the real module imports.
+    """
+    try:
+        importlib.import_module(CORRECTIONS)
+    except ModuleNotFoundError as exc:
+        if exc.name != CORRECTIONS:
+            raise
+        sys.modules[CORRECTIONS] = _corrections_stand_in()
+        registry_module.set_default_registry(None)  # rebuilt on first use, with the stand-in
+        yield
+        sys.modules.pop(CORRECTIONS, None)
+        registry_module.set_default_registry(None)
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_registry(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The CLI replaces the process-wide registry (maybe with blocked plugins): undo it."""
+    for name in (registry_module.BLOCK_ENV, registry_module.DISABLE_AUTOLOAD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    saved = registry_module._default
+    yield
+    registry_module.set_default_registry(saved)
+
+
+@pytest.fixture
+def registry() -> registry_module.Registry:
+    """The process-wide registry (built-ins, entry points, the corrections stand-in)."""
+    return registry_module.default_registry()
+
+
+# --------------------------------------------------------------------------- TOML files
+
+
+def _key(part: Any) -> str:
+    text = str(part)
+    if text and all(c.isascii() and (c.isalnum() or c in "_-") for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def dumps_toml(data: Mapping[str, Any], prefix: tuple = ()) -> str:
+    """A TOML writer good for test data: every leaf as one dotted-key line."""
+    lines = []
+    for key, value in data.items():
+        path = (*prefix, key)
+        if isinstance(value, Mapping) and value:
+            lines.append(dumps_toml(value, path))
+        else:
+            lines.append(f"{'.'.join(map(_key, path))} = {_value(value)}")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def tmp_hierarchy(tmp_path: Path) -> Callable[..., Path]:
+    """``tmp_hierarchy(text | bytes | dict, name="h.toml") -> Path`` (dicts become TOML)."""
+
+    def write(content: str | bytes | Mapping[str, Any], name: str = "h.toml") -> Path:
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(textwrap.dedent(content), encoding="utf-8")
+        else:
+            path.write_text(dumps_toml(content) + "\n", encoding="utf-8")
+        return path
+
+    return write
+
+
+# --------------------------------------------------------------------------- CLI & plugins
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """``run_cli([...]) -> (exit code, stdout, stderr)``, ``mlsgd_dsl.cli.main`` in-process."""
+    from mlsgd_dsl.cli import main
+
+    def run(args: list[Any]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --version, --help, usage errors
+            rc = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """``install_plugin(source, ep="testplug") -> module name``: an installed distribution.
+
+    Writes the module and a ``testplugin-0.1.dist-info`` (METADATA, entry_points.txt in group
+    ``mlsgd_dsl``) into a folder on ``sys.path``, as ``pip install`` would.
+    """
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def install(source: str, ep: str = "testplug", dist: str = "testplugin",
+                version: str = "0.1") -> str:
+        module = f"mlsgd_testplugin_{next(_counter)}"
+        (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+        info = site / f"{dist}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n", encoding="utf-8")
+        (info / "entry_points.txt").write_text(f"[mlsgd_dsl]\n{ep} = {module}\n",
+                                               encoding="utf-8")
+        (info / "top_level.txt").write_text(f"{module}\n", encoding="utf-8")
+        modules.append(module)
+        return module
+
+    yield install
+    for module in modules:
+        sys.modules.pop(module, None)
