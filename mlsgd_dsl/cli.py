@@ -176,9 +176,10 @@ COMMANDS = {"validate": cmd_validate, "run": cmd_run, "graph": cmd_graph,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    warnings.filterwarnings("default", module="mlsgd_dsl")
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)
+            return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"mlsgd-dsl: error: {exc}", file=sys.stderr)
         return exc.exit_code

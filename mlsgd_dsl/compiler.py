@@ -282,9 +282,9 @@ class Compiled:
     def _resolve_paths(self) -> list[list[str]]:
         spec = self.hierarchy.mlsgd.path
         if spec:
-            paths = spec if isinstance(spec[0], list) else [spec]
+            paths = spec
             for i, p in enumerate(paths):
-                where = ("mlsgd", "path", i) if isinstance(spec[0], list) else ("mlsgd", "path")
+                where = ("mlsgd", "path", i) if len(paths) > 1 else ("mlsgd", "path")
                 if p[-1] != self.finest:
                     raise self._err(f"a path must end at the finest level {self.finest!r}",
                                     where)

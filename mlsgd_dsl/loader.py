@@ -30,6 +30,7 @@ else:  # pragma: no cover
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32
+MAX_EXTENDS = 16
 
 
 # --------------------------------------------------------------------------- reading
@@ -71,10 +72,13 @@ def parse_override(item: str | tuple[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key.path=value",
                               file="--set")
         key, text_value = item.split("=", 1)
+    if "\n" in item or "\r" in item:
+        raise ConfigError(f"override {item!r} contains a line break; give one key=value per "
+                          "--set", file="--set")
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has an empty key", file="--set")
-    for candidate in (text_value.strip(), json.dumps(text_value.strip())):
+    for candidate in (text_value.strip(), json.dumps(text_value.strip(), ensure_ascii=False)):
         try:
             data = tomllib.loads(f"{key} = {candidate}")
         except tomllib.TOMLDecodeError:
@@ -94,11 +98,11 @@ def _to_toml_value(value: Any) -> str:
             return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_to_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_to_toml_value(v)}"
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)} = {_to_toml_value(v)}"
                                for k, v in value.items()) + "}"
     raise ConfigError(f"override value {value!r} has an unsupported type", file="--set")
 
@@ -194,7 +198,7 @@ def _error_message(err: dict) -> str:
         return "required key is missing"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    if kind not in ("missing",) and not isinstance(given, dict | list):
+    if ", got" not in msg and not isinstance(given, dict | list):
         shown = repr(given)
         if len(shown) > 60:
             shown = shown[:57] + "..."
@@ -216,7 +220,10 @@ def config_error_from(exc: ValidationError, data: Any, file: str,
     paths = sorted(by_path, key=len, reverse=True)
     kept = [p for p in paths if not any(len(q) > len(p) and q[:len(p)] == p for q in paths)]
     kept.sort(key=lambda p: list(by_path).index(p))
-    first = kept[0]
+    # The deepest problem is the most specific one (unions report a shallow error per member).
+    first = max(kept, key=len)
+    kept.remove(first)
+    kept.insert(0, first)
     message = " or ".join(by_path[first][:3])
     error = ConfigError(message, file=file, path=first)
     if len(kept) > 1:
@@ -296,15 +303,12 @@ def check_per_level(h: Hierarchy, file: str) -> None:
             raise ConfigError(f"per-level table lacks level(s) {', '.join(missing)}; give "
                               "every level or a single value for all", file=file,
                               path=("mlsgd", field_name))
-    path = h.mlsgd.path
-    if path:
-        paths = path if isinstance(path[0], list) else [path]
-        for i, p in enumerate(paths):
-            for j, name in enumerate(p):
-                if name not in names:
-                    where = ("mlsgd", "path", i, j) if isinstance(path[0], list) else \
-                        ("mlsgd", "path", j)
-                    raise ConfigError(f"no level named {name!r}", file=file, path=where)
+    paths = h.mlsgd.path or []
+    for i, p in enumerate(paths):
+        for j, name in enumerate(p):
+            if name not in names:
+                where = ("mlsgd", "path", i, j) if len(paths) > 1 else ("mlsgd", "path", j)
+                raise ConfigError(f"no level named {name!r}", file=file, path=where)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -323,9 +327,12 @@ def resolve_file_inheritance(data: dict[str, Any], file: str, base_dir: Path | N
         raise ConfigError("file inheritance needs a file on disk", file=file,
                           path=("extends",))
     target = (base_dir / parent).resolve()
-    if str(target) in chain or len(chain) > 8:
+    if str(target) in chain:
         raise ConfigError("inheritance cycle: " + " -> ".join((*chain, str(target))),
                           file=file, path=("extends",))
+    if len(chain) > MAX_EXTENDS:
+        raise ConfigError(f"file inheritance deeper than {MAX_EXTENDS} files", file=file,
+                          path=("extends",))
     try:
         raw = target.read_bytes()
         if len(raw) > MAX_FILE_BYTES:

@@ -9,6 +9,7 @@ plugin's message instead of "unknown name".
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -33,6 +34,8 @@ BUILTIN_MODULES = (
     "mlsgd_dsl.builtins.corrections",
     "mlsgd_dsl.builtins.checks",
 )
+
+BUILTIN_NAMES = frozenset(m.rsplit(".", 1)[-1] for m in BUILTIN_MODULES)
 
 # registration hook -> kind of record, as shown by `mlsgd-dsl plugins`
 KINDS = {
@@ -59,7 +62,10 @@ class Entry:
     version: str | None
 
     def label(self) -> str:
-        dist = f"{self.distribution} {self.version}" if self.distribution else "built-in"
+        if self.distribution:
+            dist = f"{self.distribution} {self.version}"
+        else:
+            dist = "built-in" if self.plugin in BUILTIN_NAMES else "not installed"
         return f"plugin {self.plugin} ({dist})"
 
 
@@ -82,8 +88,11 @@ class Registry:
         from .errors import ConfigError
 
         hint = ""
+        if self.blocked:
+            hint += (f" Blocked plugins (-p no:NAME / {BLOCK_ENV}): "
+                     f"{', '.join(sorted(self.blocked))}.")
         if self.broken:
-            hint = " Plugins that failed to load: " + "; ".join(self.broken.values()) + "."
+            hint += " Plugins that failed to load: " + "; ".join(self.broken.values()) + "."
         known = ", ".join(sorted(table)) or "none installed"
         singular = kind[:-1] if kind.endswith("s") else kind
         raise ConfigError(f"no {singular} named {name!r} is installed (known: {known}).{hint}",
@@ -96,11 +105,16 @@ class Registry:
         return self.manager.hook
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()
+
+
 def _dist_of(module_or_obj: Any) -> tuple[str | None, str | None]:
     name = getattr(module_or_obj, "__name__", "") or type(module_or_obj).__module__
     top = name.split(".")[0]
     try:
-        for dist in metadata.packages_distributions().get(top, []):
+        for dist in _packages_distributions().get(top, []):
             return dist, metadata.version(dist)
     except Exception:  # metadata of a broken install must not take the registry down
         pass
@@ -160,7 +174,10 @@ def build_registry(*, block: Iterable[str] = (), autoload: bool | None = None,
             if exc.name != modname:  # a built-in whose own import fails is a real bug
                 raise
     if autoload:
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # Sorted, so which of two clashing plugins wins does not depend on install order.
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda e: ((e.dist.name if e.dist else ""), e.name))
+        for ep in eps:
             if ep.name in blocked or pm.is_blocked(ep.name):
                 continue
             dist = ep.dist.name if ep.dist else None
@@ -185,7 +202,10 @@ def build_registry(*, block: Iterable[str] = (), autoload: bool | None = None,
             continue
         try:
             pm.register(obj, name=name)
+            pm.check_pending()  # a misspelt mlsgd_* hook would otherwise be ignored silently
         except Exception as exc:
+            if pm.get_plugin(name) is not None or pm.is_registered(obj):
+                pm.unregister(plugin=obj)
             _broken(reg, name, dist, ver, f"cannot be registered: {exc}")
             continue
         _collect(reg, name, obj, dist, ver)

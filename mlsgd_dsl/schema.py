@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 # Caps keep a hostile or mistyped file from asking for absurd allocations; each is far above
 # anything the thesis (or a laptop) uses and the loader reports the cap it hit.
@@ -33,7 +41,7 @@ BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class Open(BaseModel):
@@ -109,8 +117,15 @@ RuleValue = PluginName | RuleRef
 
 
 class TransferSpec(Strict):
-    default: RuleValue | None = Field(
-        "identity", description="Rule for every tensor no pattern matches (null: none).")
+    default: RuleValue | Literal[False] | None = Field(
+        "identity", description="Rule for every tensor no pattern matches (false: none; then "
+        "every tensor must match a pattern).")
+
+    @model_validator(mode="after")
+    def _false_is_none(self) -> TransferSpec:
+        if self.default is False:
+            self.default = None
+        return self
     rules: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], RuleValue] = \
         Field(default_factory=dict, description="Glob over state-dict names -> rule.")
 
@@ -193,7 +208,7 @@ class MLSGDSpec(Strict):
         "(the baseline), for `sgd_epochs` epochs.")
     cycle: Literal["V", "W", "F"] = Field("V", description="Cycle shape (the thesis: V).")
     cycles: int = Field(1, ge=1, le=MAX_CYCLES, description="Number of cycles (K).")
-    path: list[Name] | list[list[Name]] | None = Field(
+    path: list[Annotated[list[Name], Field(min_length=1)]] | None = Field(
         None, description="Levels a run visits, coarsest first; a list of paths alternates "
         "between them from cycle to cycle. Default: the only chain.")
     epochs: per_level(Epochs) = Field(1.0, description="T_l: epochs per level per visit "
@@ -234,6 +249,15 @@ class MLSGDSpec(Strict):
                                                    "available.")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads (default: "
                                 "torch's choice).")
+
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_path(cls, value: Any) -> Any:
+        # `path = ["coarse", "fine"]` is one path; a list of lists alternates between paths.
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return [value]
+        return value
 
 
 class ReportSpec(Strict):
@@ -298,6 +322,11 @@ class Hierarchy(Strict):
 
 def json_schema() -> dict[str, Any]:
     schema = Hierarchy.model_json_schema()
+    # Inheritance (file `extends`, [model] defaults, level `extends`) fills these in a file
+    # that does not write them, so an editor must not demand them.
+    schema.pop("required", None)
+    for name in ("LevelSpec", "ModelSpec"):
+        schema.get("$defs", {}).get(name, {}).pop("required", None)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "mlsgd-dsl hierarchy file"
     return schema

@@ -10,6 +10,7 @@ paths between two levels, and the function-preservation gap.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -76,8 +77,6 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
     try:
         px = op.prolongate(x)
         ry = op.restrict(y)
-        pty = op.transpose(y)
-        pty_auto = GroupOperator.transpose(op, y)
     except Exception as exc:
         report.add(f"{name}: operators", "fail",
                    f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
@@ -86,6 +85,19 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
            f"{tuple(s)}" for n, s in floats_f.items() if n not in px or px[n].shape != s]
     bad += [f"R gives {n}: {tuple(ry[n].shape) if n in ry else 'missing'}, expected {tuple(s)}"
             for n, s in floats_c.items() if n not in ry or ry[n].shape != s]
+    if bad:
+        report.add(f"{name}: shapes", "fail", f"{_label(c, group)}: returns wrong shapes: "
+                   + "; ".join(bad[:3]))
+        return
+    try:
+        pty = op.transpose(y)
+        pty_auto = GroupOperator.transpose(op, y)
+    except Exception as exc:
+        report.add(f"{name}: adjoint", "fail",
+                   f"{_label(c, group)}: transpose raised {type(exc).__name__}: {exc}")
+        return
+    bad = [f"Pᵀ gives {n}: {tuple(pty[n].shape) if n in pty else 'missing'}, expected "
+           f"{tuple(s)}" for n, s in floats_c.items() if n not in pty or pty[n].shape != s]
     if bad:
         report.add(f"{name}: shapes", "fail", f"{_label(c, group)}: returns wrong shapes: "
                    + "; ".join(bad[:3]))
@@ -132,10 +144,8 @@ def _path_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
 
 def _inputs(c: Compiled, gen: torch.Generator, batch: int = 4) -> dict[str, Tensor]:
     """A random batch at the data source's shape, coarsened for each level."""
-    any_node = next(iter(c.nodes.values()))
     src = c.registry.get("data sources", c.hierarchy.data.source)
     ch, hh, ww, _ = src.record.shape(c._options[("data",)])
-    del any_node
     base = torch.randn(batch, ch, hh, ww, generator=gen, dtype=torch.float64)
     out = {}
     for name, node in c.nodes.items():
@@ -165,7 +175,9 @@ def _function_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
             report.add(name, "fail", f"{type(exc).__name__}: {exc}")
             continue
         gap = float((yf - yc).norm() / max(float(yc.norm()), 1e-300))
-        report.add(name, "pass" if gap < 1.0 else "warn",
+        # Informative, not a pass/fail criterion: depth and resolution transfers are only
+        # approximately function preserving (discretisation error at a random initialisation).
+        report.add(name, "pass" if math.isfinite(gap) else "fail",
                    f"relative output gap {gap:.2e} (prolongated coarse vs coarse network)")
 
 

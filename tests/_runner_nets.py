@@ -65,8 +65,8 @@ def hierarchy_text(levels: tuple = LEVELS3, *, batchnorm: bool = False, train: i
         lines += [f"[levels.{name}]", f"h = {h}", f"model = {{ kwargs = {{ layers = {layers} }} }}"]
     lines += ["[transfer]", 'default = "identity"', 'rules = { "layers.*" = "depth.constant" }',
               "[mlsgd]", "batch_size = 32", "lr = 0.1", "bn_recalibration = 64",
-              "full_batch_size = 40", "[mlsgd.objective]", "l2 = 0.01", "smoothness = 0.01",
-              "[report]", "plot = false"]
+              "full_batch_size = 40", "threads = 1", "[mlsgd.objective]", "l2 = 0.01",
+              "smoothness = 0.01", "[report]", "plot = false"]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,8 @@ import mlsgd_dsl
 from mlsgd_dsl.errors import ConfigError
 from mlsgd_dsl.operators import EdgeTransfer, Transfer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HIERARCHIES = Path(__file__).resolve().parents[1] / "hierarchies"
 QUICKSTART = HIERARCHIES / "quickstart.toml"
 DEPTH = HIERARCHIES / "depth-cifar10.toml"
@@ -65,14 +67,12 @@ def quick_linear() -> mlsgd_dsl.Compiled:
     return mlsgd_dsl.compile(mlsgd_dsl.load(QUICKSTART, overrides=LINEAR))
 
 
-def random_state(c: mlsgd_dsl.Compiled, level: str, seed: int,
-                 params_only: bool = True) -> dict[str, torch.Tensor]:
+def random_state(c: mlsgd_dsl.Compiled, level: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random float64 parameters (a step, a gradient) of one level."""
     g = torch.Generator().manual_seed(seed)
     node = c.nodes[level]
-    names = node.parameters if params_only else [n for n in node.shapes
-                                                 if "num_batches" not in n]
     return {n: torch.randn(tuple(node.shapes[n]), generator=g, dtype=torch.float64)
-            for n in names}
+            for n in node.parameters}
 
 
 def layer_stack(sd: dict, block: int, suffix: str) -> torch.Tensor:

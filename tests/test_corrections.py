@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 from _runner_nets import trainer
@@ -19,6 +20,14 @@ from mlsgd_dsl.runner.level import Visit, train_visit
 from mlsgd_dsl.runner.objective import norm
 
 TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """The tiny hierarchies run single-threaded (mlsgd.threads = 1); restore afterwards."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
 
 
 def full_grad(t, level, sample=None):
@@ -210,7 +219,7 @@ def test_plugin_records_and_options(registry) -> None:
     assert isinstance(strategy, StochasticCorrection)
     assert strategy.fraction == 0.125 and strategy.variance_reduction
     assert strategy.needs_fine_gradient(0)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         StochasticOptions.model_validate({"fraction": 0.1, "bogus": 1})
     det = registry.get("corrections", "deterministic").record
     assert isinstance(det.create(det.options()), DeterministicCorrection)
@@ -240,13 +249,21 @@ def test_early_stop_epsilon_and_pass(tmp_path: Path) -> None:
     assert not t2.descend("fine", "mid")
 
 
-def test_gradient_is_deterministic_in_eval_mode_with_batchnorm(tmp_path: Path) -> None:
-    """Full-gradient passes do not touch BatchNorm statistics."""
-    t = trainer(tmp_path, {"mlsgd.correction": "deterministic"}, batchnorm=True)
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_gradient_passes_leave_batchnorm_statistics_alone(tmp_path: Path, mode) -> None:
+    """Full-gradient passes are deterministic and do not touch BatchNorm statistics; with
+    "batch" they differentiate through the chunk statistics (as the training steps do)."""
+    t = trainer(tmp_path, {"mlsgd.correction": {"strategy": "deterministic",
+                                                "batchnorm": mode}}, batchnorm=True)
+    assert t.batchnorm_mode == mode
     lv = t.levels["fine"]
     before = {k: v.clone() for k, v in lv.model.state_dict().items()}
-    g1 = full_grad(t, "fine")
-    g2 = full_grad(t, "fine")
+    g1 = t.gradient("fine")
+    t._grad_cache.clear()
+    g2 = t.gradient("fine")
     after = lv.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert norm([a - b for a, b in zip(g1, g2)]) == 0
+    assert g1 is not g2 and norm([a - b for a, b in zip(g1, g2)]) == 0
+    other = lv.objective.gradient(lv.data.train_x, lv.data.train_y, batch_size=40,
+                                  batchnorm="running" if mode == "batch" else "batch")
+    assert norm([a - b for a, b in zip(g1, other)]) > 1e-4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,20 @@ from mlsgd_dsl.runner.run import Trainer, run
 from mlsgd_dsl.runner.schedule import Schedule
 from mlsgd_dsl.schema import ScheduleSpec
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 FAST = {"mlsgd.eval.every": "cycle"}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """The tiny hierarchies run single-threaded (mlsgd.threads = 1); restore afterwards."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
 
 
 def epoch_rows(rows):
@@ -51,7 +63,6 @@ def test_cycle_trains_levels_in_visit_order(tmp_path: Path, kind) -> None:
     t.fit()
     rows = read_rows(tmp_path)
     levels = [r["level"] for r in epoch_rows(rows)]
-    assert levels == [{"coarse": "c", "mid": "m", "fine": "f"}[x] and x for x in levels]
     short = [{"coarse": "c", "mid": "m", "fine": "f"}[x] for x in levels]
     assert short == visit_order(["c", "m", "f"], kind)
     # half an epoch = half the batches (4 per epoch here)
@@ -60,9 +71,9 @@ def test_cycle_trains_levels_in_visit_order(tmp_path: Path, kind) -> None:
 
 
 def test_v_cycle_end_to_end_run_folder_and_hooks(tmp_path: Path) -> None:
-    import mlsgd_dsl
     from _runner_nets import hierarchy_text
 
+    import mlsgd_dsl
     from mlsgd_dsl.registry import build_registry
 
     calls: dict[str, list] = {"start": [], "epoch": [], "cycle": [], "end": []}

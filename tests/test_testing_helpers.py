@@ -199,3 +199,46 @@ def test_assert_hierarchy_valid_lists_failing_rows(tmp_hierarchy, install_plugin
                                              r"0\.1\): wrong P\*") as info:
         assert_hierarchy_valid(path, registry=build_registry())
     assert "mid->fine fc.bias [doubled]: adjoint: fail" in str(info.value)
+
+
+# --------------------------------------------------------------------------- the guide's code
+
+
+def test_the_plugin_guide_code_works(tmp_path, monkeypatch) -> None:
+    """docs/plugins.md: its `# file:` code blocks, written out, import and pass their tests."""
+    import importlib.util
+    import re
+    import sys
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    blocks = re.findall(r"```python\n# file: (\S+)\n(.*?)```", guide, flags=re.S)
+    assert {name for name, _ in blocks} >= {"mlsgd_pad/plugin.py", "tests/test_pad.py",
+                                             "mlsgd_pad/corrections.py"}
+    for name, code in blocks:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code)
+    (tmp_path / "mlsgd_pad" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        spec = importlib.util.spec_from_file_location("guide_test_pad",
+                                                      tmp_path / "tests" / "test_pad.py")
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+        tests.test_pad_zeros_is_coherent()
+        tests.test_pad_zeros_refuses_a_narrower_fine_level()
+
+        from mlsgd_dsl.registry import build_registry
+
+        plugin = importlib.import_module("mlsgd_pad.plugin")
+        corrections = importlib.import_module("mlsgd_pad.corrections")
+        reg = build_registry(autoload=False, extra_plugins=[("pad", plugin),
+                                                            ("pad_corrections", corrections)])
+        assert not reg.broken
+        assert "pad.zeros" in reg.names("transfer rules")
+        strategy = reg.get("corrections", "pad.every-nth").record
+        correction = strategy.create(strategy.options(every=3))
+        assert [correction.needs_fine_gradient(k) for k in range(4)] == [True, False, False, True]
+    finally:
+        for module in ("mlsgd_pad", "mlsgd_pad.plugin", "mlsgd_pad.corrections"):
+            sys.modules.pop(module, None)

@@ -12,14 +12,17 @@ import torch
 import mlsgd_dsl
 from mlsgd_dsl.api import Check, CheckRow, NoOptions, TransferRule
 from mlsgd_dsl.hookspecs import hookimpl
+from mlsgd_dsl.loader import read_toml
 from mlsgd_dsl.registry import build_registry
 from mlsgd_dsl.transfers.identity import IdentityOperator, bind_identity
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HIERARCHIES = Path(__file__).resolve().parents[1] / "hierarchies"
 SHIPPED = sorted(HIERARCHIES.rglob("*.toml"))
 #: Files that define their levels themselves (the others only change training settings).
-STANDALONE = [p for p in SHIPPED if not p.read_text(encoding="utf-8").lstrip().startswith(
-    "extends") and "\nextends" not in p.read_text(encoding="utf-8")]
+STANDALONE = [p for p in SHIPPED
+              if "extends" not in read_toml(p.read_text(encoding="utf-8"), str(p))]
 
 TWO_LEVELS = """
 name = "two"
@@ -101,8 +104,11 @@ class LossyButPromising(IdentityOperator):
 
 
 def rule(name: str, operator: type[IdentityOperator]) -> TransferRule:
-    return TransferRule(name, NoOptions, lambda spec, options: operator(bind_identity(spec,
-                                                                                      options).spec))
+    def bind(spec, options):
+        bind_identity(spec, options)  # the identity rule's own checks
+        return operator(spec)
+
+    return TransferRule(name, NoOptions, bind)
 
 
 class BadRules:
@@ -162,13 +168,16 @@ def test_shipped_file_validates(path) -> None:
 def test_quickstart_rows() -> None:
     report = mlsgd_dsl.validate(mlsgd_dsl.compile(mlsgd_dsl.load(HIERARCHIES /
                                                                  "quickstart.toml")))
-    assert {r.status for r in report.rows} == {"pass"}
-    adjoint = rows(report, "mid->fine blocks.*.layers.* [depth.constant]: adjoint")
-    assert len(adjoint) == 1 and adjoint[0].detail.startswith("P* vs autograd 0.0e+00")
+    built_in = [r for r in report.rows if r.name in ("references", "graph")
+                or r.name.startswith(("coarse->mid", "mid->fine"))]
+    assert len(built_in) == 20 and {r.status for r in built_in} == {"pass"}
+    [adjoint] = rows(report, "mid->fine blocks.*.layers.* [depth.constant]: adjoint")
+    assert adjoint.detail.startswith("P* vs autograd 0.0e+00")
     table = report.table()
     assert table.splitlines()[0].split() == ["check", "status", "detail"]
-    assert table.endswith(f"{len(report.rows)} passed, 0 warnings, 0 failed")
-    assert report.counts() == {"pass": len(report.rows), "warn": 0, "fail": 0}
+    counts = report.counts()
+    assert table.endswith(f"{counts['pass']} passed, {counts['warn']} warnings, 0 failed")
+    assert sum(counts.values()) == len(report.rows)
 
 
 def test_validation_is_deterministic_per_seed() -> None:
@@ -247,11 +256,23 @@ def test_identical_levels_cost_the_same_and_preserve_the_function() -> None:
     assert fp.status == "pass" and fp.detail.startswith("relative output gap 0.00e+00")
 
 
+def test_function_preservation_gap_shrinks_with_the_time_step() -> None:
+    # constant interpolation halves h: the gap is the O(h) error of two half steps vs one
+    gaps = []
+    for h in (1.0, 0.01):
+        report = report_for(TWO_LEVELS, **{"levels.fine.model.h": h,
+                                           "levels.coarse.model.h": 2 * h})
+        [row] = rows(report, "coarse->fine: function preservation")
+        gaps.append(float(row.detail.split()[3]))
+    assert gaps[1] < 1e-2 and gaps[1] < gaps[0] / 20
+
+
 # --------------------------------------------------------------------------- plugin checks
 
 
 def test_plugin_checks_contribute_rows() -> None:
-    registry = build_registry(extra_plugins=[("extras", ExtraChecks())], autoload=False)
+    registry = build_registry(extra_plugins=[("extras", ExtraChecks())], autoload=False,
+                              block=["checks"])  # only this plugin's checks come last
     report = report_for(TWO_LEVELS, registry)
     names = [r.name for r in report.rows]
     assert names[-3:] == ["extra.crash", "extra: level count", "extra: finest"]

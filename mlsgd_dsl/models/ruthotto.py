@@ -214,6 +214,11 @@ def smoothness_penalty(model: nn.Module, coefficient: float = 1.0) -> Tensor:
 # --------------------------------------------------------------------------- options
 
 
+# Caps keep a mistyped file from building (or tracing) an absurd network; far above the thesis.
+MAX_CHANNELS = 4096
+MAX_LAYERS = 256
+
+
 class RuthottoOptions(BaseModel):
     """Options of the ``ruthotto-resnet`` family."""
 
@@ -249,6 +254,8 @@ class RuthottoOptions(BaseModel):
     def _positive_channels(cls, value: list[int]) -> list[int]:
         if any(c < 1 for c in value):
             raise ValueError(f"every channel count must be >= 1, got {value}")
+        if any(c > MAX_CHANNELS for c in value):
+            raise ValueError(f"channel counts are capped at {MAX_CHANNELS}, got {value}")
         return value
 
     @field_validator("layers")
@@ -257,6 +264,9 @@ class RuthottoOptions(BaseModel):
         counts = [value] if isinstance(value, int) else value
         if not counts or any(n < 1 for n in counts):
             raise ValueError(f"must be a positive integer or a list of them, got {value}")
+        if any(n > MAX_LAYERS for n in counts):
+            raise ValueError(f"residual layers per block are capped at {MAX_LAYERS}, "
+                             f"got {value}")
         return value
 
     @model_validator(mode="after")

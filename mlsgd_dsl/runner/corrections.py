@@ -62,7 +62,9 @@ class CorrectionHost(Protocol):
                  model: nn.Module | None = None) -> list[Tensor]:
         """Euclidean ``∇F_l`` at the level's current weights (or at ``model``'s), over all
         training data of the level (``sample=None``) or over ``sample``; no augmentation,
-        BatchNorm in eval mode, batches of ``mlsgd.full_batch_size``. Results are cached per
+        chunks of ``mlsgd.full_batch_size``, BatchNorm as the strategy's ``batchnorm`` says
+        (default: batch statistics, running statistics left untouched; see
+        :meth:`mlsgd_dsl.runner.objective.Objective.gradient`). Results are cached per
         (level, weights version, sample), so the angle condition and a correction that need
         the same gradient share one pass."""
 
@@ -121,6 +123,9 @@ class Correction:
 
     name = "none"
     variance_reduction = False
+    #: BatchNorm in gradient passes: "batch" (statistics of each chunk, as in training) or
+    #: "running" (eval mode). Running statistics are never changed by a gradient pass.
+    batchnorm = "batch"
 
     def needs_fine_gradient(self, cycle: int) -> bool:
         return False
@@ -156,8 +161,9 @@ class Correction:
 class GradientCorrection(Correction):
     """``deterministic`` and ``stochastic``: the thesis' gradient correction (± VR)."""
 
-    def __init__(self, *, variance_reduction: bool = False) -> None:
+    def __init__(self, *, variance_reduction: bool = False, batchnorm: str = "batch") -> None:
         self.variance_reduction = bool(variance_reduction)
+        self.batchnorm = batchnorm
 
     def needs_fine_gradient(self, cycle: int) -> bool:
         return True
@@ -201,8 +207,8 @@ class StochasticCorrection(GradientCorrection):
     name = "stochastic"
 
     def __init__(self, *, fraction: float = 0.03125, variance_reduction: bool = False,
-                 coarse_gradient: str = "sample") -> None:
-        super().__init__(variance_reduction=variance_reduction)
+                 coarse_gradient: str = "sample", batchnorm: str = "batch") -> None:
+        super().__init__(variance_reduction=variance_reduction, batchnorm=batchnorm)
         self.fraction = float(fraction)
         self.coarse_gradient = coarse_gradient
 
@@ -230,6 +236,10 @@ class DeterministicOptions(BaseModel):
     variance_reduction: bool = Field(
         False, description="SVRG-type steps g(w_t) − g(w_0) + P*∇H (thesis 3.3.3): no full "
                            "gradient on the coarse levels, a second forward/backward per step.")
+    batchnorm: Literal["batch", "running"] = Field(
+        "batch", description="BatchNorm in the gradient passes of the correction: 'batch' "
+                             "(statistics of each chunk, as in the training steps) or 'running' "
+                             "(eval mode). Running statistics are never updated by them.")
 
 
 class StochasticOptions(DeterministicOptions):
@@ -246,13 +256,15 @@ def create_none(options: Any) -> Correction:
 
 
 def create_deterministic(options: DeterministicOptions) -> Correction:
-    return DeterministicCorrection(variance_reduction=options.variance_reduction)
+    return DeterministicCorrection(variance_reduction=options.variance_reduction,
+                                   batchnorm=options.batchnorm)
 
 
 def create_stochastic(options: StochasticOptions) -> Correction:
     return StochasticCorrection(fraction=options.fraction,
                                 variance_reduction=options.variance_reduction,
-                                coarse_gradient=options.coarse_gradient)
+                                coarse_gradient=options.coarse_gradient,
+                                batchnorm=options.batchnorm)
 
 
 def as_list(sd: dict[str, Tensor], names: Sequence[str]) -> list[Tensor]:

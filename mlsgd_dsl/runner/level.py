@@ -337,6 +337,7 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
         for b in range(nb):
             if deadline is not None and time.perf_counter() > deadline:
                 result.status = "time"
+                event = "time_budget"
                 break
             idx = perm[b * bsz:(b + 1) * bsz]
             x, y = x_all[idx], y_all[idx]

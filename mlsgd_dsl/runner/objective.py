@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class Objective:
@@ -74,27 +75,44 @@ class Objective:
     # ------------------------------------------------------------------ full passes
 
     def gradient(self, x: Tensor, y: Tensor, *, batch_size: int, indices: Tensor | None = None,
-                 eval_mode: bool = True, model: nn.Module | None = None) -> list[Tensor]:
+                 batchnorm: str = "batch", model: nn.Module | None = None) -> list[Tensor]:
         """Euclidean ``∇F_l`` at the current weights of ``model`` on ``x[indices]`` (all of it).
 
         The cross entropy is averaged over the whole (sub)set, computed in chunks of
-        ``batch_size`` with no augmentation. ``eval_mode`` (the default) evaluates BatchNorm
-        with its running statistics and leaves them untouched, so the gradient is that of a
-        deterministic function of the weights (this is the choice for full-gradient passes).
+        ``batch_size`` (in data order: deterministic) with no augmentation.
+
+        ``batchnorm="batch"`` (default): BatchNorm normalises with the statistics of each chunk,
+        as in the training steps, and its running statistics are restored afterwards (a
+        gradient pass never changes them). This is the gradient of the function SGD actually
+        descends: measured on the quickstart's coarsest level, it is within 2 % of the
+        train-mode gradient with the training batch size, while the eval-mode gradient
+        (``"running"``: running statistics, held constant) differs from it by ~70 % of its norm
+        (it lacks the terms through the batch statistics), which breaks first-order coherence
+        of a correction mixed with train-mode steps. Models without BatchNorm: no difference.
         """
         model = model or self.model
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         was_training = model.training
+        eval_mode = batchnorm == "running"
+        saved = [] if eval_mode else [
+            (b, b.detach().clone()) for m in model.modules()
+            if isinstance(m, _BatchNorm) for b in m.buffers()]
         model.train(not eval_mode)
         n = len(indices) if indices is not None else len(x)
+        if n == 1 and not eval_mode and saved:
+            model.eval()  # batch statistics of one image do not exist
+        # chunk bounds; a last chunk of one image joins the previous one (BatchNorm again)
+        bounds = list(range(0, n, batch_size)) + [n]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]
         grads = [torch.zeros_like(p) for p in params]
         try:
-            for start in range(0, n, batch_size):
+            for start, stop in zip(bounds, bounds[1:]):
                 if indices is not None:
-                    idx = indices[start:start + batch_size]
+                    idx = indices[start:stop]
                     xb, yb = x[idx], y[idx]
                 else:
-                    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                    xb, yb = x[start:stop], y[start:stop]
                 ce = F.cross_entropy(model(xb), yb, reduction="sum") / n
                 parts = torch.autograd.grad(ce, params, allow_unused=True)
                 for g, part in zip(grads, parts):
@@ -110,6 +128,9 @@ class Objective:
                             g.add_(part)
         finally:
             model.train(was_training)
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
         self.add_l2_gradient(grads, params)
         return grads
 

@@ -145,8 +145,7 @@ def toml_dumps(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
     for key, value in data.items():
         if value is None:
             continue
-        if isinstance(value, dict) and value and all(v is None or isinstance(v, dict | list)
-                                                     or True for v in value.values()):
+        if isinstance(value, dict) and value:
             tables.append((key, value))
         else:
             lines.append(f"{_toml_key(str(key))} = {_toml_value(value)}")
@@ -156,10 +155,6 @@ def toml_dumps(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
         body = toml_dumps(value, (*prefix, key))
         out += ("\n\n" if out else "") + f"[{name}]" + ("\n" + body if body else "")
     return out
-
-
-class _Stop(Exception):
-    """Internal: unwind the cycle recursion (time budget, stop on divergence)."""
 
 
 # --------------------------------------------------------------------------- trainer
@@ -213,14 +208,12 @@ class Trainer:
                         used.append(name)
         self.used = used
         data = compiled.data(self.device)
-        states = self._initial_states(used)
+        models = self._initial_models(used)
         aug = self.h.data.augment
         obj = spec.objective
         self.levels: dict[str, Level] = {}
         for name in used:
-            model = compiled.model(name)
-            model.load_state_dict(states[name])
-            model.to(self.device)
+            model = models[name].to(self.device)
             splits = data[name]
             fill = splits.black() if hasattr(splits, "black") else 0.0
             self.levels[name] = Level(
@@ -243,6 +236,8 @@ class Trainer:
         self.schedule = Schedule(spec.schedule, self.total_epochs)
         self.strategy: Correction = compiled.correction() if not self.sgd else Correction()
         self.no_correction = Correction()
+        # BatchNorm in gradient passes: batch statistics (default) or running statistics
+        self.batchnorm_mode = getattr(self.strategy, "batchnorm", "batch")
         self.divergence_factor = spec.divergence.factor
         self.eval_every = spec.eval.every
         self.config_hash = _config_hash(compiled)
@@ -263,6 +258,8 @@ class Trainer:
         self.angle_gradient: list[Tensor] | None = None
         self._grad_cache: dict[tuple, list[Tensor]] = {}
         self._samples: dict[float, Sample] = {}
+        self._transfers: dict[tuple[str, ...], Any] = {}
+        self.path_k: list[str] = []
         self._finest_version_evaluated = -1
         self.log: MetricsLog | None = None
         self.bar = None
@@ -287,24 +284,24 @@ class Trainer:
             raise ConfigError(f"the hierarchy fails validation ({len(failed)} check(s)): "
                               f"{text}", file=getattr(self.c, "file", None))
 
-    def _initial_states(self, used: Sequence[str]) -> dict[str, dict[str, Tensor]]:
-        """Initial full state dicts: nested (prolongated from the coarsest) or independent."""
+    def _initial_models(self, used: Sequence[str]) -> dict[str, nn.Module]:
+        """Fresh models: ``nested`` — every level that has a coarser neighbour starts from the
+        prolongated (full state dict, buffers too) initial weights of that neighbour, so along a
+        chain all start from ``P…P w_0`` of the coarsest; ``independent`` — each level's own
+        initialisation."""
         c = self.c
-        states: dict[str, dict[str, Tensor]] = {}
         if self.spec.init == "independent":
-            for name in used:
-                states[name] = c.model(name).state_dict()
-            return states
+            return {name: c.model(name) for name in used}
+        models: dict[str, nn.Module] = {}
         graph = c.graph
         for name in c.levels:  # coarsest first: predecessors are done before their successors
+            models[name] = c.model(name)
             preds = [p for p in c.levels if graph.has_edge(p, name)]
-            if not preds:
-                states[name] = c.model(name).state_dict()
-            else:
-                edge = c.transfer(preds[0], name)
+            if preds:
                 with torch.no_grad():
-                    states[name] = edge.prolongate(states[preds[0]])
-        return {n: states[n] for n in used}
+                    sd = c.transfer(preds[0], name).prolongate(models[preds[0]].state_dict())
+                models[name].load_state_dict(sd)
+        return {n: models[n] for n in used}
 
     def planned_epochs(self) -> float:
         """Epochs on all levels the run plans (the horizon of cosine / one-cycle)."""
@@ -381,7 +378,7 @@ class Trainer:
         g = lv.objective.gradient(lv.data.train_x, lv.data.train_y,
                                   batch_size=self.spec.full_batch_size,
                                   indices=sample.indices if sample is not None else None,
-                                  eval_mode=True, model=model)
+                                  batchnorm=self.batchnorm_mode, model=model)
         if model is None:
             self._grad_cache[key] = g
         return g
@@ -470,8 +467,20 @@ class Trainer:
                      for a, p, w0 in zip(g, lv.params, self.anchor[level])]
         return g
 
+    def _to_finest(self, level: str) -> Any:
+        """P_{L←l} composed along this cycle's path (a graph may have several paths)."""
+        path = self.path_k if level in self.path_k else [level, self.finest]
+        key = tuple(path[path.index(level):])
+        if key not in self._transfers:
+            try:
+                self._transfers[key] = self.c.transfer(level, self.finest, via=list(key))
+            except TypeError:  # a Compiled without `via`: its default path
+                self._transfers[key] = self.c.transfer(level, self.finest)
+        return self._transfers[key]
+
     def begin_cycle(self, k: int) -> None:
         self.cycle = k
+        self.path_k = [self.finest] if self.sgd else list(self.c.path(k))
         self._grad_cache.clear()
         self._samples.clear()
         self.corr.clear()
@@ -518,7 +527,7 @@ class Trainer:
                 with torch.no_grad():
                     d = torch._foreach_sub([p.detach() for p in fl.params], self.anchor[fine])
                     if fine != self.finest:
-                        up = self.c.transfer(fine, self.finest).prolongate(
+                        up = self._to_finest(fine).prolongate(
                             dict(zip(fl.names, d)))
                         d = [up[n] for n in self.levels[self.finest].names]
                     pend = d if pend is None else torch._foreach_add(pend, d)
@@ -576,7 +585,7 @@ class Trainer:
             spec = self.spec.angle
             angle = AngleCheck(
                 gradient=self.angle_gradient, mu=spec.mu, every=spec.every,
-                prolongate=(self.c.transfer(level, self.finest).prolongate
+                prolongate=(self._to_finest(level).prolongate
                             if level != self.finest else None),
                 level_names=lv.names, fine_names=self.levels[self.finest].names,
                 anchor=self.anchor[level], pending=self.pending.get(level))

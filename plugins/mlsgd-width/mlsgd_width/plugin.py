@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mlsgd_dsl.api import Architecture, TransferRule
+from mlsgd_dsl.api import Architecture, Check, TransferRule
 from mlsgd_dsl.hookspecs import hookimpl
 
-from . import model, transfer
+from . import checks, model, transfer
 
 #: The plugin API this plugin is written against (checked by mlsgd-dsl when it loads).
 MLSGD_DSL_API = ">=1.0"
@@ -19,3 +19,8 @@ def mlsgd_transfer_rules() -> list[TransferRule]:
 @hookimpl
 def mlsgd_architectures() -> list[Architecture]:
     return [model.ARCHITECTURE]
+
+
+@hookimpl
+def mlsgd_checks() -> list[Check]:
+    return [checks.CHECK]

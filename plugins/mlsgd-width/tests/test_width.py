@@ -168,9 +168,9 @@ def test_split_random_breaks_the_symmetry_of_copies() -> None:
         fine.load_state_dict(op.prolongate(coarse.state_dict()))
         opt = torch.optim.SGD(fine.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(5)
-        for _ in range(3):
-            x = torch.randn(16, 2, 8, 8, generator=g, dtype=F64)
-            y = torch.randint(0, 5, (16,), generator=g)
+        for _ in range(2):
+            x = torch.randn(8, 2, 8, 8, generator=g, dtype=F64)
+            y = torch.randint(0, 5, (8,), generator=g)
             opt.zero_grad()
             nn.functional.cross_entropy(fine(x), y).backward()
             opt.step()
@@ -204,6 +204,7 @@ def test_width_cnn_options_refused(options) -> None:
 def test_plugin_registers_its_names(registry) -> None:
     assert "width.net2wider" in registry.names("transfer rules")
     assert "width-cnn" in registry.names("architectures")
+    assert "width.exactness" in registry.names("checks")
     assert plugin.MLSGD_DSL_API == ">=1.0"
     assert not registry.broken
 
@@ -215,3 +216,36 @@ def test_example_hierarchy_validates_at_float_precision(registry) -> None:
     gaps = [float(re.search(r"gap ([0-9.e+-]+)", r.detail).group(1))
             for r in report.rows if r.name.endswith("function preservation")]
     assert len(gaps) == 2 and max(gaps) < 1e-13
+    assert [r.status for r in report.rows if r.name.endswith("width exactness")] == ["pass"] * 2
+
+
+RUTHOTTO = """
+name = "ruthotto-width"
+[data]
+source = "synthetic"
+options = { train = 64, test = 32, size = 8, channels = 1 }
+validation = 16
+[model]
+family = "ruthotto-resnet"
+layers = 1
+[levels.fine]
+model = { channels = [8, 16] }
+[levels.coarse]
+model = { channels = [4, 8] }
+[transfer]
+default = "width.net2wider"
+[mlsgd]
+correction = "none"
+"""
+
+
+def test_unsupported_architecture_is_flagged(registry, tmp_path) -> None:
+    """ruthotto-resnet widens algebraically, but not exactly: the plugin's check warns."""
+    path = tmp_path / "ruthotto-width.toml"
+    path.write_text(RUTHOTTO)
+    report = check_hierarchy(path, registry=registry)
+    rows = {r.name: r for r in report.rows}
+    assert rows["coarse->fine * [width.net2wider]: R∘P = I"].status == "pass"
+    assert rows["coarse->fine * [width.net2wider]: adjoint"].status == "pass"
+    exact = rows["coarse->fine: width exactness"]
+    assert exact.status == "warn" and "does not widen family 'ruthotto-resnet'" in exact.detail
