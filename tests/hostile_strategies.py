@@ -558,8 +558,9 @@ def edge_graphs(draw: st.DrawFn) -> Example:
     if draw(st.booleans()):
         for i in range(draw(st.integers(1, 3))):
             doc["levels"][f"extra{i}"] = {"h": 8.0 * (i + 1), "model": {"layers": 1}}
+        doc["mlsgd"]["epochs"] = 1
         names = level_names(doc)
-    pool = names + [draw(hostile_text)]
+    pool = names * 4 + [draw(hostile_text)]
     edges: list[Any] = []
     if draw(st.booleans()):  # a guaranteed cycle
         k = draw(st.integers(1, 3))
@@ -568,31 +569,32 @@ def edge_graphs(draw: st.DrawFn) -> Example:
     for _ in range(draw(st.integers(0, 6))):
         edge: dict[str, Any] = {"coarse": draw(st.sampled_from(pool)),
                                 "fine": draw(st.sampled_from(pool))}
-        if draw(st.integers(0, 4)) == 0:
+        if draw(st.integers(0, 3)) == 0:
             edge["transfer"] = draw(st.one_of(
                 st.just({"default": "identity"}), st.just({}), st.just({"rules": {"*": "x"}}),
                 st.builds(lambda p, r: {"rules": {p: r}}, st.sampled_from(PATTERNS),
                           st.sampled_from(RULE_NAMES)),
                 values))
-        if draw(st.integers(0, 6)) == 0:
+        if draw(st.integers(0, 12)) == 0:
             del edge[draw(st.sampled_from(["coarse", "fine"]))]
-        if draw(st.integers(0, 6)) == 0:
+        if draw(st.integers(0, 12)) == 0:
             edge[draw(keys)] = draw(values)
         edges.append(edge)
     draw(st.randoms(use_true_random=False)).shuffle(edges)
-    doc["edges"] = draw(st.one_of(st.just(edges), st.just(edges), st.just(edges),
-                                  st.just({"coarse": names[0]}), st.just([1, 2]),
-                                  st.just([[names[0], names[1]]])))
-    if draw(st.booleans()):
+    doc["edges"] = draw(st.sampled_from([edges] * 8 + [
+        {"coarse": names[0]}, [1, 2], [[names[0], names[1]]]]))
+    if draw(st.integers(0, 3)) == 0:
         doc["mlsgd"]["path"] = draw(st.one_of(
             st.lists(st.sampled_from(pool), max_size=4),
             st.lists(st.lists(st.sampled_from(pool), max_size=3), max_size=3)))
     return example_from_doc(doc, f"edges {doc['edges']!r:.200}")
 
 
+REAL_RULES = ["identity", "depth.constant", "depth.linear", "kernel_basis", "resolution"]
 rule_values = st.one_of(
+    st.sampled_from(REAL_RULES), st.sampled_from(REAL_RULES), st.sampled_from(REAL_RULES),
     st.sampled_from(RULE_NAMES), hostile_text,
-    st.fixed_dictionaries({"rule": st.sampled_from(RULE_NAMES)}, optional={
+    st.fixed_dictionaries({"rule": st.sampled_from(REAL_RULES + RULE_NAMES)}, optional={
         "factor": st.one_of(special_ints, special_floats), "index": st.one_of(
             st.sampled_from(["layers", "blocks", "*", "", "(a+)+$", ".*"]), short_text),
         "restriction": st.sampled_from(["transpose", "injection", "x"]),
@@ -608,8 +610,9 @@ rule_values = st.one_of(
 def patterns(draw: st.DrawFn) -> Example:
     """``[transfer]`` rules whose globs match everything, nothing, or overlap."""
     doc = copy.deepcopy(QUICKSTART_DOC)
-    rules = draw(st.dictionaries(st.one_of(st.sampled_from(PATTERNS), short_text), rule_values,
-                                 min_size=0, max_size=4))
+    rules = draw(st.dictionaries(
+        st.one_of(st.sampled_from(PATTERNS), st.sampled_from(PATTERNS), short_text),
+        rule_values, min_size=0, max_size=4))
     if draw(st.booleans()):
         rules = {**doc["transfer"]["rules"], **rules}
     doc["transfer"]["rules"] = rules

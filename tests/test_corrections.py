@@ -24,10 +24,11 @@ TOL = 1e-10
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """The tiny hierarchies run single-threaded (mlsgd.threads = 1); restore afterwards."""
+    """Tiny hierarchies run single-threaded (mlsgd.threads = 1); restore the process state."""
     saved = torch.get_num_threads()
     yield
     torch.set_num_threads(saved)
+    torch.set_flush_denormal(False)  # a Trainer driven by hand turned it on
 
 
 def full_grad(t, level, sample=None):
@@ -193,6 +194,25 @@ def test_each_strategy_computes_only_what_it_needs(tmp_path: Path, overrides, ex
     counts = _count_gradients(t)
     t.fit()
     assert counts == expected
+
+
+@pytest.mark.parametrize("svrg_finest", [True, False])
+def test_svrg_on_the_finest_level(tmp_path: Path, svrg_finest) -> None:
+    t = trainer(tmp_path, {"mlsgd.correction": {"strategy": "deterministic",
+                                                "variance_reduction": True,
+                                                "svrg_finest": svrg_finest}}, double=True)
+    t.begin_cycle(0)
+    fine = t.corr["fine"]
+    if not svrg_finest:
+        assert fine is None
+        return
+    assert fine.snapshot is not None and fine.snapshot is not t.levels["fine"].model
+    g = full_grad(t, "fine")
+    assert norm([a - b for a, b in zip(fine.target, g)]) < TOL
+    # at w_{L,k,0} the SVRG step is the full gradient, whatever the batch
+    before, after = _one_step(t, "fine", 1 / t.levels["fine"].batches_per_epoch)
+    lr = t.levels["fine"].lr
+    assert norm([b - a + lr * x for a, b, x in zip(before, after, g)]) < TOL
 
 
 def test_uncorrected_first_cycle(tmp_path: Path) -> None:

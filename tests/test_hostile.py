@@ -99,17 +99,6 @@ class KnownBug:
     function: str | None = None
 
 
-def _layers_uncapped() -> bool:
-    """True while ``ruthotto-resnet`` accepts any number of layers (compile is O(layers))."""
-    try:
-        from mlsgd_dsl.models.ruthotto import RuthottoOptions
-
-        RuthottoOptions.model_validate({"channels": [1], "layers": 10**6})
-    except Exception:
-        return False
-    return True
-
-
 KNOWN_BUGS = {bug.id: bug for bug in [
     KnownBug("empty-cycle-path",
              "mlsgd.path = [[]] (or any empty path in a list of paths) passes the schema and "
@@ -119,10 +108,11 @@ KNOWN_BUGS = {bug.id: bug for bug in [
              'extends = "a\\u0000b" (top-level file inheritance): Path.resolve()/read_bytes '
              "raise ValueError('embedded null byte'), which resolve_file_inheritance does not "
              "catch -> traceback", ValueError, "resolve_file_inheritance"),
-    KnownBug("layers-uncapped",
-             "ruthotto-resnet `layers` has no upper bound; the compiler builds every layer (and "
-             "runs the FLOP counter through it, ~10 ms/layer) before the parameter cap: "
-             "layers = 1000 takes ~9 s, layers = 10**9 never ends and eats memory"),
+    KnownBug("compile-time-per-layer",
+             "the compiler builds every residual layer on the meta device and runs the FLOP "
+             "counter through it (~7 ms per layer on 2 cores): the caps (256 layers per block, "
+             "8 blocks, 32 levels) still allow 65 536 layers, i.e. minutes of compile; one "
+             "level of 8 x 256 layers takes 14 s"),
     KnownBug("validate-unbounded",
              "validate builds every level for real in float64 and feeds random inputs of the "
              "data's full size (validation._inputs / _function_rows), and enumerates every "
@@ -142,20 +132,19 @@ def known_crash(exc: BaseException) -> KnownBug | None:
     return None
 
 
-LAYERS_UNCAPPED = _layers_uncapped()
 MAX_LAYERS_TO_COMPILE = 150
 
 
 def costly_compile(h: Any) -> KnownBug | None:
-    """An input the compiler would spend minutes on because of ``layers-uncapped``."""
-    if STRICT or not LAYERS_UNCAPPED:
+    """An input the compiler would spend many seconds on (``compile-time-per-layer``)."""
+    if STRICT:
         return None
     total = 0
     for key, options in getattr(h, "_plugin_options", {}).items():
         counts = getattr(options, "layer_counts", None)
         if key[:1] == ("levels",) and callable(counts):
             total += sum(counts())
-    return KNOWN_BUGS["layers-uncapped"] if total > MAX_LAYERS_TO_COMPILE else None
+    return KNOWN_BUGS["compile-time-per-layer"] if total > MAX_LAYERS_TO_COMPILE else None
 
 
 def _count_paths(graph: Any) -> int:
@@ -216,10 +205,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise Hang(f"still running after {WATCHDOG_S:g} s (watchdog)")
-
-
 @contextlib.contextmanager
 def bounded(watchdog_s: float = WATCHDOG_S, headroom: int = AS_HEADROOM) -> Iterator[Usage]:
     """Time, peak-RSS growth, an address-space ceiling and a watchdog around one call."""
@@ -241,7 +226,10 @@ def bounded(watchdog_s: float = WATCHDOG_S, headroom: int = AS_HEADROOM) -> Iter
             pass
     alarm = threading.current_thread() is threading.main_thread()
     if alarm:
-        old_handler = signal.signal(signal.SIGALRM, _on_alarm)
+        def on_alarm(signum: int, frame: Any) -> None:
+            raise Hang(f"still running after {watchdog_s:g} s (watchdog)")
+
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, watchdog_s)
     start = time.perf_counter()
     try:
@@ -369,14 +357,20 @@ def check_message(text: str, names: list[str], what: str, input_size: int) -> No
     check_no_allocation_failure(text, what)
 
 
+def _kind(ex: hs.Example) -> str:
+    return re.split(r"[: ]", ex.label or "example", maxsplit=1)[0]
+
+
 def run_api(ex: hs.Example, main: Path, names: list[str], overrides: Any = None
             ) -> ApiOutcome:
     """``load`` + ``compile`` under the guard; only UserError may escape."""
     outcome = ApiOutcome()
     what = ex.label or repr(ex)[:300]
     with bounded() as usage:
+        stage = "load"
         try:
             h = mlsgd_dsl.load(main, overrides)
+            stage = "compile"
             bug = costly_compile(h)
             if bug is not None:
                 outcome.skipped = bug.id
@@ -403,9 +397,11 @@ def run_api(ex: hs.Example, main: Path, names: list[str], overrides: Any = None
         outcome.message = str(outcome.error)
         size = ex.size() + (hs.QUICKSTART.stat().st_size if overrides is not None else 0)
         check_message(outcome.message, names, what, size)
-        event("refused (UserError)")
+        event(f"refused by {stage} ({type(outcome.error).__name__})")
+        event(f"{_kind(ex)}: refused by {stage}")
     else:
         event("valid")
+        event(f"{_kind(ex)}: valid")
     return outcome
 
 
@@ -480,7 +476,7 @@ def check_file(ex: hs.Example, root: Path, through_cli: bool = False) -> None:
 # =========================================================================== property tests
 
 
-@settings(max_examples=n_examples(110), **HYPOTHESIS)
+@settings(max_examples=n_examples(150), **HYPOTHESIS)
 @given(ex=hs.shipped_mutations)
 def test_mutated_shipped_files(ex: hs.Example, workdir: Path) -> None:
     """Every shipped hierarchy, with keys deleted / replaced / duplicated / renamed / nested at
@@ -489,7 +485,7 @@ def test_mutated_shipped_files(ex: hs.Example, workdir: Path) -> None:
     check_file(ex, workdir)
 
 
-@settings(max_examples=n_examples(130), **HYPOTHESIS)
+@settings(max_examples=n_examples(250), **HYPOTHESIS)
 @given(ex=hs.adversarial_files)
 def test_adversarial_files(ex: hs.Example, workdir: Path) -> None:
     """Absurd sizes, NaN/inf, hostile unicode, long strings, deep nesting, inheritance and edge
@@ -498,14 +494,14 @@ def test_adversarial_files(ex: hs.Example, workdir: Path) -> None:
     check_file(ex, workdir)
 
 
-@settings(max_examples=n_examples(40), **HYPOTHESIS)
+@settings(max_examples=n_examples(60), **HYPOTHESIS)
 @given(ex=hs.random_documents())
 def test_random_documents(ex: hs.Example, workdir: Path) -> None:
     STATS["test random"] = 1
     check_file(ex, workdir)
 
 
-@settings(max_examples=n_examples(40), **HYPOTHESIS)
+@settings(max_examples=n_examples(60), **HYPOTHESIS)
 @given(ex=hs.cli_hostile_files)
 def test_hostile_files_through_cli(ex: hs.Example, workdir: Path) -> None:
     """The same inputs through ``mlsgd-dsl validate FILE`` in-process: exit 2 and one
@@ -514,7 +510,7 @@ def test_hostile_files_through_cli(ex: hs.Example, workdir: Path) -> None:
     check_file(ex, workdir, through_cli=True)
 
 
-@settings(max_examples=n_examples(110), **HYPOTHESIS)
+@settings(max_examples=n_examples(150), **HYPOTHESIS)
 @given(items=hs.overrides)
 def test_hostile_overrides(items: Any, workdir: Path) -> None:
     """Random key paths and values against the quickstart, as ``--set`` strings (invalid TOML,
@@ -527,7 +523,7 @@ def test_hostile_overrides(items: Any, workdir: Path) -> None:
     run_api(ex, hs.QUICKSTART, names, overrides=items)
 
 
-@settings(max_examples=n_examples(30), **HYPOTHESIS)
+@settings(max_examples=n_examples(40), **HYPOTHESIS)
 @given(items=hs.cli_overrides)
 def test_hostile_overrides_through_cli(items: list[str], workdir: Path) -> None:
     STATS["test overrides cli"] = 1
@@ -580,6 +576,8 @@ class Case:
     rc: tuple[int, ...] = (2,)
     xfail: str | None = None
     check: Callable[[Path, str], None] | None = None  # extra assertion (folder, stderr)
+    #: files the message may name (default: the main file); a cycle closes in another file
+    files: tuple[str, ...] = ()
 
 
 def _no_side_effect(folder: Path, err: str) -> None:
@@ -628,7 +626,7 @@ CASES = [
     Case("seed-10e100", qs("correction = \"none\"", 'correction = "none"\nseed = 1' + "0" * 100),
          path="mlsgd.seed"),
     Case("channels-100000", qs("channels = [8, 16]", "channels = [100000]"),
-         path="levels.fine.model", contains=("parameters",)),
+         path="levels.fine.model"),
     Case("channels-zero", qs("channels = [8, 16]", "channels = [0]"),
          path="levels.fine.model.channels"),
     Case("epochs-for-unknown-level",
@@ -662,10 +660,12 @@ CASES = [
     Case("file-extends-itself", 'extends = "h.toml"\n' + QS, path="extends",
          contains=("inheritance cycle",)),
     Case("file-extends-cycle-2", 'extends = "b.toml"\n' + QS, path="extends",
-         contains=("inheritance cycle",), extra={"b.toml": 'extends = "h.toml"\n'}),
+         contains=("inheritance cycle",), extra={"b.toml": 'extends = "h.toml"\n'},
+         files=("b.toml",)),
     Case("file-extends-cycle-3", 'extends = "b.toml"\n' + QS, path="extends",
          contains=("inheritance cycle",),
-         extra={"b.toml": 'extends = "c.toml"\n', "c.toml": 'extends = "h.toml"\n'}),
+         extra={"b.toml": 'extends = "c.toml"\n', "c.toml": 'extends = "h.toml"\n'},
+         files=("b.toml", "c.toml")),
     Case("file-extends-missing", 'extends = "nope.toml"\n' + QS, path="extends",
          contains=("cannot read",)),
     Case("file-extends-directory", 'extends = "."\n' + QS, path="extends"),
@@ -705,14 +705,15 @@ CASES = [
          contains=("unknown key",)),
     Case("set-array-for-int", QS, overrides=("mlsgd.cycles=[1]",), path="mlsgd.cycles"),
     Case("set-huge-channels", QS, overrides=("model.channels=[100000]",),
-         path="levels.fine.model", contains=("parameters",)),
+         path="levels.fine.model"),
+    Case("set-huge-layers-in-a-level", QS, overrides=("levels.fine.model.layers=1000000000",),
+         path="levels.fine.model.layers"),
     Case("set-extends-itself", QS, overrides=('levels.fine.extends="fine"',),
          path="levels.fine.extends", contains=("inheritance cycle",)),
     # ------------------------------------------------------------- core bugs (xfail)
     Case("empty-cycle-path", qs('correction = "none"', 'correction = "none"\npath = [[]]'),
-         path="mlsgd.path", xfail="compiler._resolve_paths: IndexError on an empty path"),
-    Case("set-empty-cycle-path", QS, overrides=("mlsgd.path=[[]]",), path="mlsgd.path",
-         xfail="compiler._resolve_paths: IndexError on an empty path"),
+         path="mlsgd.path"),
+    Case("set-empty-cycle-path", QS, overrides=("mlsgd.path=[[]]",), path="mlsgd.path"),
     Case("file-extends-nul-byte", 'extends = "a\\u0000b"\n' + QS, path="extends",
          xfail="loader.resolve_file_inheritance: ValueError('embedded null byte') escapes"),
     Case("file-extends-dev-zero", 'extends = "/dev/zero"\n' + QS, path="extends",
@@ -721,8 +722,12 @@ CASES = [
     Case("validate-dev-zero", main="/dev/zero", contains=("/dev/zero",),
          xfail="loader.load trusts st_size (0 for devices) and read_bytes() never ends"),
     Case("layers-1e9", qs("model = { layers = 4 }", "model = { layers = 1000000000 }"),
-         path="levels.fine.model.layers",
-         xfail="ruthotto layers uncapped: compile builds 10**9 layers (hang, memory)"),
+         path="levels.fine.model.layers"),
+    Case("8-blocks-of-256-layers", 'name = "big"\n[data]\nsource = "synthetic"\n'
+         "options = { train = 100, test = 100, size = 128 }\n[levels.fine.model]\n"
+         'family = "ruthotto-resnet"\nchannels = [1, 1, 1, 1, 1, 1, 1, 1]\nlayers = 256\n',
+         rc=(0, 1, 2), xfail="compile-time-per-layer: within every cap, compile takes 14 s "
+                             "(32 such levels: minutes)"),
     Case("synthetic-train-1e12", qs("train = 4000", "train = 1000000000000"),
          path="data.options.train",
          xfail="synthetic train/test uncapped: accepted by validate, run allocates ~TBs"),
@@ -730,17 +735,15 @@ CASES = [
          .replace("channels = [8, 16]", "channels = [1, 1, 1, 1, 1, 1, 1, 1]"),
          path="data.options.size",
          xfail="synthetic size uncapped: validate._inputs allocates 4x16x4096x4096 float64"),
-    Case("params-under-cap-validate", qs("channels = [8, 16]", "channels = [2000]"),
-         rc=(0, 1, 2), xfail="validate builds real float64 models: 64M parameters per level "
+    Case("params-under-cap-validate", qs("channels = [8, 16]", "channels = [1000]"),
+         rc=(0, 1, 2), xfail="validate builds real float64 models: 16M parameters per level "
                              "(cap is 5e8) allocate GBs"),
     Case("dense-dag-32-levels", dag(32), rc=(0, 1, 2),
          xfail="validation._path_rows enumerates all 2^30 simple paths"),
     Case("betas-nan", qs('correction = "none"', 'correction = "none"\n'
-                         "optimizer = { betas = [nan, 2.0] }"), path="mlsgd.optimizer.betas",
-         xfail="OptimizerSpec.betas has no bounds: NaN and 2.0 are accepted"),
+                         "optimizer = { betas = [nan, 2.0] }"), path="mlsgd.optimizer.betas"),
     Case("l2-inf", qs('correction = "none"', 'correction = "none"\nobjective = { l2 = inf }'),
-         path="mlsgd.objective.l2",
-         xfail="float fields with only ge=0 accept inf (objective.l2, step_regularization, ...)"),
+         path="mlsgd.objective.l2"),
     Case("import-sys-exit", 'name = "x"\n[levels.fine.model]\nfamily = "import"\n'
          'factory = "sys:exit"\n', path="levels.fine.model",
          xfail="import family: SystemExit from the factory escapes cli.main (exit 0, no msg)"),
@@ -754,9 +757,7 @@ CASES = [
          xfail="errors raised by a plugin's shape()/build() (DataNotFound) pass through "
                "compiler._build_nodes without the file name or key path"),
     Case("set-injects-another-key", QS, overrides=('mlsgd.cycles=3\nname = "evil"',),
-         contains=("--set",),
-         xfail="parse_override parses 'key = VALUE' as a whole document: a newline in the "
-               "value sets other keys"),
+         contains=("--set",)),
     Case("long-key-message", qs("[levels.mid]", f"[levels.{LONG}]"), check=_short_message,
          xfail="keys are echoed in full: a 10 000-character key gives a 10 000-char line"),
 ]
@@ -814,14 +815,30 @@ def test_named_adversarial_case(case: Case, tmp_path: Path) -> None:
         line = lines[0][len(ERROR_PREFIX):]
         if case.path is not None:
             shown = format_path(case.path) if isinstance(case.path, tuple) else case.path
-            assert line.startswith(f"{main}: {shown}:"), \
-                f"expected '{main}: {shown}: ...', got {line[:400]!r}"
+            # the reported path is the expected one or lies below it (a sharper cap)
+            prefixes = [f"{main}: {shown}"] + [f"{folder / f}: {shown}" for f in case.files]
+            assert any(line.startswith(p) and line[len(p):][:1] in (":", ".", "[")
+                       for p in prefixes), f"expected '{prefixes[-1]}: ...', got {line[:400]!r}"
         elif not any(o for o in case.overrides):
             assert line.startswith(f"{main}:"), f"the message does not name the file: {line!r}"
         for needle in case.contains:
             assert needle in stderr, f"{needle!r} not in {stderr[:600]!r}"
     if case.check is not None:
         case.check(folder, stderr)
+
+
+def test_guard_catches_hangs_allocations_and_rss() -> None:
+    """The guard itself works here (else the properties above would be toothless)."""
+    with pytest.raises(Hang), bounded(watchdog_s=0.2):
+        time.sleep(5)
+    if _status().get("VmSize"):
+        with pytest.raises(MemoryError), bounded(headroom=256 << 20):
+            bytearray(1 << 30)
+        with bounded() as usage:
+            block = bytearray(300 << 20)
+            block[::4096] = b"x" * len(block[::4096])
+            del block
+        assert usage.rss_growth >= 250 << 20, usage
 
 
 def test_mapping_override_nested_deeply() -> None:

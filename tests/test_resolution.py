@@ -127,6 +127,20 @@ def test_shipped_files_validate_with_the_numerical_rows(compiled, key):
     assert len(gap) == 1 and "relative output gap" in gap[0].detail
 
 
+def _gap(report) -> float:
+    row = next(r for r in report.rows if r.name.endswith("function preservation"))
+    return float(row.detail.split("relative output gap ")[1].split()[0])
+
+
+def test_fc_scale_shows_in_the_function_preservation_gap(compiled):
+    """scale 1.0 (thesis, shipped): the prolongated network computes ~4x the coarse logits."""
+    assert compiled["fmnist"].hierarchy.transfer.rules["fc.weight"].options() == {
+        "mode": "nearest", "scale": 1.0}
+    auto = compile_hierarchy(load(FMNIST, ['transfer.rules."fc.weight".scale="auto"']))
+    thesis_gap, auto_gap = _gap(validate(compiled["fmnist"])), _gap(validate(auto))
+    assert thesis_gap > 2.0 and auto_gap < 1.0, (thesis_gap, auto_gap)
+
+
 def test_validate_cli_passes_on_the_shipped_files(run_cli):
     for path in (CIFAR, FMNIST):
         rc, out, err = run_cli(["validate", path])
@@ -248,13 +262,19 @@ def test_avgpool_coarsens_the_level_data_like_the_hand_computed_example(tmp_path
     fine, coarse = data["fine"], data["coarse"]
     assert coarse.train_x.shape[1:] == (1, 2, 2) and fine.train_x.shape[1:] == (1, 4, 4)
     torch.testing.assert_close(fine.test_x, -image)  # the fine level keeps the originals
+    # the training images were image, image + 100 and 2·image: pooling is linear
+    by_original = [(image[0], hand[0]), (image[0] + 100, hand[0] + 100),
+                   (image[0] * 2, hand[0] * 2)]
+    seen = 0
     for split in ("train", "val"):
         xf, xc = getattr(fine, f"{split}_x"), getattr(coarse, f"{split}_x")
-        torch.testing.assert_close(xc, torch.stack([
-            torch.stack([torch.stack([xf[n, 0, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean()
-                                      for j in range(2)]) for i in range(2)])
-            for n in range(len(xf))]).unsqueeze(1))
+        for original, pooled in by_original:
+            for n in range(len(xf)):
+                if torch.equal(xf[n], original):
+                    torch.testing.assert_close(xc[n], pooled)
+                    seen += 1
         torch.testing.assert_close(getattr(fine, f"{split}_y"), getattr(coarse, f"{split}_y"))
+    assert seen == 3
     assert c.data() is data  # computed once, cached
 
 
@@ -271,9 +291,16 @@ def _extending(tmp_hierarchy, base: Path, body: str) -> Path:
         ["levels.coarse.data.coarsen[0]", "28x28 is not divisible by factor 3"],
         id="factor-3-on-28x28"),
     pytest.param(
+        '[levels.fine.model]\nkernel_basis = false\n'
         '[transfer.rules]\n"blocks.*.layers.*.conv.*" = "identity"\n',
-        ['transfer.rules."blocks.*.layers.*.conv.*"', "identity"],
-        id="kernel-2-by-identity"),
+        ['transfer.rules."blocks.*.layers.*.conv.*"', "rule 'identity'",
+         "(32, 32, 2, 2) on level 'coarse' but (32, 32, 3, 3) on 'fine'"],
+        id="kernel-2-to-3-by-identity"),
+    pytest.param(
+        '[transfer.rules]\n"blocks.*.layers.*.conv.*" = "identity"\n',
+        ['transfer.rules."blocks.*.layers.*.conv.*"', "rule 'identity'",
+         "exists on level 'coarse' but not on 'fine'"],
+        id="kernel-2-to-coordinates-by-identity"),
     pytest.param(
         '[levels.coarse.model]\nkernel_size = 4\n',
         ['transfer.rules."blocks.*.layers.*.conv.*"', "kernel_basis",

@@ -31,10 +31,11 @@ FAST = {"mlsgd.eval.every": "cycle"}
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """The tiny hierarchies run single-threaded (mlsgd.threads = 1); restore afterwards."""
+    """Tiny hierarchies run single-threaded (mlsgd.threads = 1); restore the process state."""
     saved = torch.get_num_threads()
     yield
     torch.set_num_threads(saved)
+    torch.set_flush_denormal(False)  # a Trainer driven by hand turned it on
 
 
 def epoch_rows(rows):
@@ -458,3 +459,40 @@ def test_resume_continues_without_repeating_or_losing_a_cycle(tmp_path: Path) ->
     forced = Trainer(compiled({**overrides, "mlsgd.cycles": 3}, augment=True),
                      resume=tmp_path / "b", quiet=True, validate=False, force=True)
     assert forced.fit()["cycles"] == 3
+
+
+@pytest.mark.parametrize("every, fine_evals", [("epoch", 2 + 1), ("level", 1 + 1), ("cycle", 1)])
+def test_evaluation_points(tmp_path: Path, every, fine_evals) -> None:
+    """epoch: every finest epoch + after each prolongation; level: the end of each finest
+    visit + after each prolongation; cycle: once per cycle (an event row)."""
+    t = trainer(tmp_path, {"mlsgd.eval.every": every, "mlsgd.cycles": 1,
+                           "mlsgd.epochs": {"coarse": 1, "mid": 1, "fine": 2}})
+    t.fit()
+    rows = read_rows(tmp_path)
+    evaluated = [r for r in rows if r["val_acc"] is not None]
+    assert all(r["level"] == "fine" for r in evaluated)
+    assert len(evaluated) == fine_evals
+
+
+def test_alternating_paths_through_a_level_graph(tmp_path: Path) -> None:
+    from _runner_nets import hierarchy_text
+
+    import mlsgd_dsl
+
+    text = hierarchy_text((("fine", 1.0, 4), ("left", 2.0, 2), ("right", 2.0, 2),
+                           ("coarse", 4.0, 1)))
+    text += "\n".join([
+        "[[edges]]", 'coarse = "coarse"', 'fine = "left"',
+        "[[edges]]", 'coarse = "coarse"', 'fine = "right"',
+        "[[edges]]", 'coarse = "left"', 'fine = "fine"',
+        "[[edges]]", 'coarse = "right"', 'fine = "fine"', ""])
+    h = mlsgd_dsl.loads(text, file="graph.toml", overrides={
+        "mlsgd.path": [["coarse", "left", "fine"], ["coarse", "right", "fine"]],
+        "mlsgd.cycles": 2, "mlsgd.epochs": 0.25, "mlsgd.angle": {"mu": -0.99},
+        **FAST})
+    t = Trainer(mlsgd_dsl.compile(h), out_dir=tmp_path, quiet=True, validate=False)
+    assert set(t.levels) == {"coarse", "left", "right", "fine"}
+    t.fit()
+    levels = [(r["cycle"], r["level"]) for r in epoch_rows(read_rows(tmp_path))]
+    assert levels == [(0, "coarse"), (0, "left"), (0, "fine"),
+                      (1, "coarse"), (1, "right"), (1, "fine")]

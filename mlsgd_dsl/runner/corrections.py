@@ -161,9 +161,11 @@ class Correction:
 class GradientCorrection(Correction):
     """``deterministic`` and ``stochastic``: the thesis' gradient correction (± VR)."""
 
-    def __init__(self, *, variance_reduction: bool = False, batchnorm: str = "batch") -> None:
+    def __init__(self, *, variance_reduction: bool = False, batchnorm: str = "batch",
+                 svrg_finest: bool = True) -> None:
         self.variance_reduction = bool(variance_reduction)
         self.batchnorm = batchnorm
+        self.svrg_finest = bool(svrg_finest)
 
     def needs_fine_gradient(self, cycle: int) -> bool:
         return True
@@ -174,7 +176,7 @@ class GradientCorrection(Correction):
     def prepare(self, host: CorrectionHost, level: str,
                 target: Sequence[Tensor] | None) -> LevelCorrection | None:
         if target is None:  # the finest level: H_L = F_L; SVRG around w_{L,k,0} with VR
-            if not self.variance_reduction:
+            if not (self.variance_reduction and self.svrg_finest):
                 return None
             g = [t.clone() for t in host.gradient(level, self.sample(host))]
             return LevelCorrection(target=g, vector=g, snapshot=host.snapshot(level))
@@ -207,8 +209,10 @@ class StochasticCorrection(GradientCorrection):
     name = "stochastic"
 
     def __init__(self, *, fraction: float = 0.03125, variance_reduction: bool = False,
-                 coarse_gradient: str = "sample", batchnorm: str = "batch") -> None:
-        super().__init__(variance_reduction=variance_reduction, batchnorm=batchnorm)
+                 coarse_gradient: str = "sample", batchnorm: str = "batch",
+                 svrg_finest: bool = True) -> None:
+        super().__init__(variance_reduction=variance_reduction, batchnorm=batchnorm,
+                         svrg_finest=svrg_finest)
         self.fraction = float(fraction)
         self.coarse_gradient = coarse_gradient
 
@@ -236,6 +240,9 @@ class DeterministicOptions(BaseModel):
     variance_reduction: bool = Field(
         False, description="SVRG-type steps g(w_t) − g(w_0) + P*∇H (thesis 3.3.3): no full "
                            "gradient on the coarse levels, a second forward/backward per step.")
+    svrg_finest: bool = Field(
+        True, description="With variance_reduction: also the finest level steps with "
+                          "g(w_t) − g(w_{L,k,0}) + ∇F_L(w_{L,k,0}) (SVRG; (3.21) for l = L).")
     batchnorm: Literal["batch", "running"] = Field(
         "batch", description="BatchNorm in the gradient passes of the correction: 'batch' "
                              "(statistics of each chunk, as in the training steps) or 'running' "
@@ -257,14 +264,16 @@ def create_none(options: Any) -> Correction:
 
 def create_deterministic(options: DeterministicOptions) -> Correction:
     return DeterministicCorrection(variance_reduction=options.variance_reduction,
-                                   batchnorm=options.batchnorm)
+                                   batchnorm=options.batchnorm,
+                                   svrg_finest=options.svrg_finest)
 
 
 def create_stochastic(options: StochasticOptions) -> Correction:
     return StochasticCorrection(fraction=options.fraction,
                                 variance_reduction=options.variance_reduction,
                                 coarse_gradient=options.coarse_gradient,
-                                batchnorm=options.batchnorm)
+                                batchnorm=options.batchnorm,
+                                svrg_finest=options.svrg_finest)
 
 
 def as_list(sd: dict[str, Tensor], names: Sequence[str]) -> list[Tensor]:

@@ -37,6 +37,14 @@ report of the runner's author):
   are dropped (never carried up untrained), the finest network is evaluated as it is.
 * The angle condition is also applied on the finest level (Algorithm 5 runs on every level,
   with ``P`` the identity on level L), not in ``method = "sgd"``.
+* Gradient passes (corrections, angle condition, early termination) differentiate the
+  training-mode function: BatchNorm uses the statistics of each chunk of
+  ``full_batch_size`` images and its running statistics are restored afterwards (the
+  strategies' option ``batchnorm = "running"`` gives eval mode instead; see
+  :meth:`~mlsgd_dsl.runner.objective.Objective.gradient` for the measurement behind this).
+* The stochastic correction draws one sample per cycle and uses the same image indices on
+  every level; the angle condition with ``gradient = "stochastic"`` and the same fraction
+  shares it (and the gradient).
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, RunError, UserError
+from ..errors import ConfigError, RunError
 from . import bn
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -88,6 +96,11 @@ CHECKPOINT_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether the CPU flushes denormal floats to zero (``torch.set_flush_denormal``)."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
 
 
 def _select_device(requested: str | None, configured: str) -> torch.device:
@@ -173,7 +186,10 @@ class Trainer:
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        torch.set_flush_denormal(True)  # 13x slower evaluation of fresh networks otherwise
+        # denormals: 13x slower evaluation of fresh networks otherwise (DESIGN); the previous
+        # setting is restored when fit() returns (torch has no getter: probe it)
+        self._flush_before = flush_denormal_enabled()
+        torch.set_flush_denormal(True)
         self.device = _select_device(device, spec.device)
 
         if resume is not None:
@@ -697,23 +713,30 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train all cycles, then evaluate and write the summary; returns the summary."""
-        start = self.start()
-        if self.hook is not None:
-            self.hook.mlsgd_run_start(run=self)
+        try:
+            start = self.start()
+            if self.hook is not None:
+                self.hook.mlsgd_run_start(run=self)
+            self._train(start)
+            return self._finish()
+        finally:
+            torch.set_flush_denormal(self._flush_before)
+
+    def _train(self, start: int) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=round(self.total_epochs, 6), initial=round(self.global_epoch, 6),
                         unit="ep", disable=self.quiet, dynamic_ncols=True, leave=False,
                         file=sys.stderr, desc=self.h.name)
+        k = start
         try:
-            k = start
             while k < self.n_cycles and self.stop_reason is None:
                 self.begin_cycle(k)
                 if self.sgd:
                     self.smooth(self.finest)
                 else:
                     run_cycle_recursion(self, self.c.path(k), self.spec.cycle)
-                if self.stop_reason is not None and self.stop_reason == "time budget":
+                if self.stop_reason == "time budget":
                     break  # an interrupted cycle is not a completed one
                 k += 1
                 self.cycles_done = k
@@ -722,17 +745,13 @@ class Trainer:
                 self._checkpoint(k)
                 if self.hook is not None:
                     self.hook.mlsgd_cycle_end(run=self, cycle=k - 1)
-            self.cycles_done = k
         except KeyboardInterrupt:
-            self.bar.close()
             raise RunError(
                 f"interrupted during cycle {self.cycle}; the checkpoint after cycle "
                 f"{self.cycles_done} is in {self.out_dir} — continue with --resume "
                 f"{self.out_dir}") from None
         finally:
-            if self.bar is not None:
-                self.bar.close()
-        return self._finish()
+            self.bar.close()
 
     def _finish(self) -> dict[str, Any]:
         from .summary import build_summary, write_summary
@@ -789,7 +808,4 @@ def run(compiled: Any, *, out_dir: Path | str | None = None, resume: Path | str 
     """
     trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device, quiet=quiet,
                       validate=validate, force=force)
-    try:
-        return trainer.fit()
-    except UserError:
-        raise
+    return trainer.fit()
