@@ -551,43 +551,63 @@ def extends_cycles(draw: st.DrawFn) -> Example:
 
 @st.composite
 def edge_graphs(draw: st.DrawFn) -> Example:
-    """``[[edges]]``: cycles of length 1-3, duplicates, unknown names, two finest levels,
-    disconnected parts, mistyped tables, per-edge transfer tables."""
+    """``[[edges]]``: a DAG (file order = finest first) with 0-3 perturbations: cycles of
+    length 1-3, duplicates, unknown names, two finest levels, disconnected parts, mistyped
+    tables, per-edge transfer tables, ``mlsgd.path`` through it."""
     doc = copy.deepcopy(QUICKSTART_DOC)
-    names = level_names(doc)
     if draw(st.booleans()):
         for i in range(draw(st.integers(1, 3))):
             doc["levels"][f"extra{i}"] = {"h": 8.0 * (i + 1), "model": {"layers": 1}}
         doc["mlsgd"]["epochs"] = 1
-        names = level_names(doc)
-    pool = names * 4 + [draw(hostile_text)]
-    edges: list[Any] = []
-    if draw(st.booleans()):  # a guaranteed cycle
-        k = draw(st.integers(1, 3))
-        ring = draw(st.permutations(names))[:k]
-        edges += [{"coarse": a, "fine": b} for a, b in zip(ring, ring[1:] + ring[:1])]
-    for _ in range(draw(st.integers(0, 6))):
-        edge: dict[str, Any] = {"coarse": draw(st.sampled_from(pool)),
-                                "fine": draw(st.sampled_from(pool))}
-        if draw(st.integers(0, 3)) == 0:
-            edge["transfer"] = draw(st.one_of(
-                st.just({"default": "identity"}), st.just({}), st.just({"rules": {"*": "x"}}),
+    names = level_names(doc)  # finest first
+    edges: list[Any] = [{"coarse": c, "fine": f} for f, c in zip(names, names[1:])]
+    for _ in range(draw(st.integers(0, 2))):  # extra forward edges keep it a DAG
+        i, j = sorted(draw(st.lists(st.integers(0, len(names) - 1), min_size=2, max_size=2,
+                                    unique=True)))
+        edges.append({"coarse": names[j], "fine": names[i]})
+    done = []
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["cycle", "self", "duplicate", "unknown", "drop", "reverse",
+                                   "transfer", "missing-side", "extra-key"]))
+        done.append(op)
+        if op == "cycle":
+            k = draw(st.integers(2, 3))
+            ring = draw(st.permutations(names))[:k]
+            edges += [{"coarse": a, "fine": b} for a, b in zip(ring, ring[1:] + ring[:1])]
+        elif op == "self":
+            who = draw(st.sampled_from(names))
+            edges.append({"coarse": who, "fine": who})
+        elif op == "duplicate" and edges:
+            edges.append(copy.deepcopy(draw(st.sampled_from(edges))))
+        elif op == "unknown" and edges:
+            edge = draw(st.sampled_from(edges))
+            edge[draw(st.sampled_from(["coarse", "fine"]))] = draw(hostile_text)
+        elif op == "drop" and edges:
+            edges.remove(draw(st.sampled_from(edges)))
+        elif op == "reverse" and edges:
+            edge = draw(st.sampled_from(edges))
+            if "coarse" in edge and "fine" in edge:
+                edge["coarse"], edge["fine"] = edge["fine"], edge["coarse"]
+        elif op == "transfer" and edges:
+            draw(st.sampled_from(edges))["transfer"] = draw(st.one_of(
+                st.just({"default": "identity"}), st.just({}),
                 st.builds(lambda p, r: {"rules": {p: r}}, st.sampled_from(PATTERNS),
                           st.sampled_from(RULE_NAMES)),
                 values))
-        if draw(st.integers(0, 12)) == 0:
-            del edge[draw(st.sampled_from(["coarse", "fine"]))]
-        if draw(st.integers(0, 12)) == 0:
-            edge[draw(keys)] = draw(values)
-        edges.append(edge)
+        elif op == "missing-side" and edges:
+            edge = draw(st.sampled_from(edges))
+            edge.pop(draw(st.sampled_from(["coarse", "fine"])), None)
+        elif op == "extra-key" and edges:
+            draw(st.sampled_from(edges))[draw(keys)] = draw(values)
     draw(st.randoms(use_true_random=False)).shuffle(edges)
-    doc["edges"] = draw(st.sampled_from([edges] * 8 + [
+    doc["edges"] = draw(st.sampled_from([edges] * 10 + [
         {"coarse": names[0]}, [1, 2], [[names[0], names[1]]]]))
     if draw(st.integers(0, 3)) == 0:
         doc["mlsgd"]["path"] = draw(st.one_of(
-            st.lists(st.sampled_from(pool), max_size=4),
-            st.lists(st.lists(st.sampled_from(pool), max_size=3), max_size=3)))
-    return example_from_doc(doc, f"edges {doc['edges']!r:.200}")
+            st.permutations(names).map(lambda p: list(reversed(p))),
+            st.lists(st.sampled_from(names), max_size=4),
+            st.lists(st.lists(st.sampled_from(names), max_size=3), max_size=3)))
+    return example_from_doc(doc, f"edges {done}: {doc['edges']!r:.200}")
 
 
 REAL_RULES = ["identity", "depth.constant", "depth.linear", "kernel_basis", "resolution"]

@@ -1,0 +1,494 @@
+"""Time to accuracy: MLSGD (no correction) against SGD on the same finest network.
+
+Same data, same seeds, same wall-clock budget (``mlsgd.time_budget``); the clock is the
+runner's ``train_time`` (training only: evaluation, checkpoints and logging excluded). The
+contenders (``--contenders``) run interleaved — seed by seed, the order rotated from seed to
+seed — in one process, so the machine's drift hits all of them alike:
+
+* ``sgd-const``   the thesis' baseline: SGD, constant step 0.05, no momentum;
+* ``sgd-tuned``   what a practitioner would pick: momentum 0.9, cosine schedule over the budget;
+* ``mlsgd-best``  MLSGD in the best configuration the runner offers (see BEST below);
+* ``mlsgd-thesis`` (optional) MLSGD as in the thesis: constant step 0.05, no momentum.
+
+The SGD contenders run through the same runner as a one-level path (``mlsgd.path = [finest]``,
+``optimizer_state = "keep"``, ``epochs = --sgd-eval``), i.e. plain SGD on the finest level whose
+momentum and schedule run on across visits, so that it is validated every ``--sgd-eval`` epochs
+(``method = "sgd"`` validates once per epoch only; ``--sgd-runner method`` uses it instead).
+They start from the finest level's own initialisation (``init = "independent"``); MLSGD from
+the nested one (the finest network = the prolongated coarsest one).
+
+A schedule "over the budget" needs a horizon in epochs: a calibration run of each scheduled
+contender measures its seconds per cycle (MLSGD) or per visit (SGD) and the horizon is the
+number that fits in the budget. Constant-step contenders plan far more than fits; the budget
+stops them.
+
+Hierarchies: the shipped files, changed only through overrides (the preset's scaling plus the
+benchmark's mechanics), never copied. ``--preset cifar10`` runs the thesis' CIFAR-10 files
+with only the mechanics changed (use it on a GPU: ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+FILES = {
+    ("depth", "fmnist"): "hierarchies/fashion-mnist/depth.toml",
+    ("resolution", "fmnist"): "hierarchies/resolution-fashion-mnist.toml",
+    ("depth", "cifar10"): "hierarchies/depth-cifar10.toml",
+    ("resolution", "cifar10"): "hierarchies/resolution-cifar10.toml",
+}
+
+# Scaling of the Fashion-MNIST twins so that one comparison (3 contenders x 3 seeds) takes
+# about 20 minutes on 2 idle cores. Each entry: (reason, overrides).
+SCALING = {
+    "depth": {
+        "model.channels": [8, 16, 32],          # file: 16/32/64 (~2.2x cheaper per image)
+        "data.subset": 10_000,                  # file: all 50 000 training images
+        "data.validation": 5_000,               # file: 10 000 (evaluated after every epoch)
+        "mlsgd.epochs": {"fine": 0.5, "mid": 0.75, "coarse": 1.0},  # file: 3 / 5 / 7
+    },
+    "resolution": {
+        "model.channels": [16, 32],             # file: 32/64 (~3x cheaper per image)
+        "data.subset": 10_000,
+        "data.validation": 5_000,
+        "mlsgd.epochs": {"fine": 1.0, "coarse": 0.5},                # file: 7 / 3
+    },
+}
+SMOKE = {
+    "data.source": "synthetic",
+    "data.options": {"train": 250, "test": 50, "size": 16, "channels": 1, "seed": 0},
+    "data.validation": 50,
+    "mlsgd.batch_size": 50,
+    "mlsgd.bn_recalibration": 100,
+}
+SMOKE_THRESHOLDS = [0.1, 0.15, 0.2]
+SMOKE_CHANNELS = {"depth": [4, 4, 4], "resolution": [4, 4]}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # data: file key; scale: apply SCALING; budget: seconds (or None: budget_epochs x the
+    # calibrated finest epoch); thresholds: validation-accuracy ladder
+    "fmnist-small": {"data": "fmnist", "scale": True, "budget": 120.0, "budget_epochs": None,
+                     "thresholds": [0.80, 0.84, 0.86, 0.88]},
+    "fmnist": {"data": "fmnist", "scale": False, "budget": None, "budget_epochs": 30.0,
+               "thresholds": [0.85, 0.88, 0.90]},
+    "cifar10": {"data": "cifar10", "scale": False, "budget": None, "budget_epochs": 100.0,
+                "thresholds": [0.80, 0.84, 0.85]},
+}
+
+MECHANICS = {
+    "report.checkpoint": "none",     # no checkpoint writing (it would be excluded anyway)
+    "report.plot": False,
+    "mlsgd.eval.every": "epoch",     # finest level: after every (partial) epoch + prolongation
+    "mlsgd.divergence.action": "reject",
+}
+
+BASE_LR = 0.05
+# MLSGD's best configuration the runner offers (chosen after short trials, see README.md):
+# momentum 0.9 on every level, one cosine schedule spanning the whole multilevel run, nested
+# initialisation, BatchNorm statistics re-estimated after every prolongation (2000 images),
+# optimiser state reset at each visit (the thesis' convention).
+BEST = {
+    "mlsgd.optimizer": {"momentum": 0.9},
+    "mlsgd.schedule": {"kind": "cosine"},
+    "mlsgd.init": "nested",
+    "mlsgd.bn_recalibration": 2000,
+    "mlsgd.optimizer_state": "reset",
+}
+CONTENDERS: dict[str, dict[str, Any]] = {
+    "sgd-const": {"kind": "sgd", "scheduled": False,
+                  "describe": "SGD, step 0.05 constant, no momentum (thesis baseline)",
+                  "overrides": {"mlsgd.lr": BASE_LR, "mlsgd.optimizer": {"momentum": 0.0},
+                                "mlsgd.schedule": {"kind": "constant"}}},
+    "sgd-tuned": {"kind": "sgd", "scheduled": True,
+                  "describe": "SGD, step 0.05, momentum 0.9, cosine to 0 over the budget",
+                  "overrides": {"mlsgd.lr": BASE_LR, "mlsgd.optimizer": {"momentum": 0.9},
+                                "mlsgd.schedule": {"kind": "cosine"}}},
+    "mlsgd-best": {"kind": "mlsgd", "scheduled": True,
+                   "describe": "MLSGD, no correction, step 0.05, momentum 0.9 on every level, "
+                               "cosine over the run, nested init, BN re-estimation",
+                   "overrides": {"mlsgd.lr": BASE_LR, **BEST}},
+    "mlsgd-thesis": {"kind": "mlsgd", "scheduled": False,
+                     "describe": "MLSGD, no correction, step 0.05 constant, no momentum (thesis)",
+                     "overrides": {"mlsgd.lr": BASE_LR, "mlsgd.optimizer": {"momentum": 0.0},
+                                   "mlsgd.schedule": {"kind": "constant"}}},
+    # variants for trials (not run by default)
+    "mlsgd-keep": {"kind": "mlsgd", "scheduled": True,
+                   "describe": "mlsgd-best with optimizer_state = keep",
+                   "overrides": {"mlsgd.lr": BASE_LR, **BEST, "mlsgd.optimizer_state": "keep"}},
+    "mlsgd-transfer": {"kind": "mlsgd", "scheduled": True,
+                       "describe": "mlsgd-best with optimizer_state = transfer",
+                       "overrides": {"mlsgd.lr": BASE_LR, **BEST,
+                                     "mlsgd.optimizer_state": "transfer"}},
+    "mlsgd-nobn": {"kind": "mlsgd", "scheduled": True,
+                   "describe": "mlsgd-best without BN re-estimation",
+                   "overrides": {"mlsgd.lr": BASE_LR, **BEST, "mlsgd.bn_recalibration": 0}},
+    "mlsgd-indep": {"kind": "mlsgd", "scheduled": True,
+                    "describe": "mlsgd-best with independent initialisation",
+                    "overrides": {"mlsgd.lr": BASE_LR, **BEST, "mlsgd.init": "independent"}},
+}
+DEFAULT_CONTENDERS = ["sgd-const", "sgd-tuned", "mlsgd-best"]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class Setup:
+    """Everything about one hierarchy x preset: base overrides, levels, thresholds."""
+
+    def __init__(self, args: Any, hierarchy: str) -> None:
+        import mlsgd_dsl
+
+        preset = PRESETS[args.preset]
+        self.args = args
+        self.hierarchy = hierarchy
+        self.file = str(C.ROOT / FILES[hierarchy, preset["data"]])
+        self.base: dict[str, Any] = dict(MECHANICS)
+        self.scaling: dict[str, Any] = {}
+        if preset["scale"]:
+            self.scaling.update(SCALING[hierarchy])
+        if args.preset == "cifar10" and args.download:
+            self.scaling["data.options"] = {"download": True}
+        if args.smoke:
+            self.scaling.update(SMOKE)
+            self.scaling["model.channels"] = SMOKE_CHANNELS[hierarchy]
+            self.scaling.pop("data.subset", None)
+        self.base.update(self.scaling)
+        h = mlsgd_dsl.load(self.file, overrides=self.base)
+        c = mlsgd_dsl.compile(h)
+        self.finest = c.finest
+        self.levels = list(c.levels)
+        self.file_thresholds = list(h.report.thresholds)
+        self.thresholds = args.thresholds or (SMOKE_THRESHOLDS if args.smoke
+                                              else preset["thresholds"])
+        self.base["report.thresholds"] = self.thresholds
+        self.epochs = {n: h.for_level(h.mlsgd.epochs, n) for n in self.levels}
+        self.batch = h.for_level(h.mlsgd.batch_size, self.finest)
+
+    def overrides(self, name: str, seed: int, horizon: int | None) -> dict[str, Any]:
+        spec = CONTENDERS[name]
+        o = {**self.base, **spec["overrides"], "mlsgd.seed": seed,
+             "mlsgd.time_budget": self.budget, "mlsgd.correction": "none"}
+        if spec["kind"] == "sgd":
+            o["mlsgd.init"] = "independent"
+            if self.args.sgd_runner == "method":
+                o["mlsgd.method"] = "sgd"
+                o["mlsgd.sgd_epochs"] = float(horizon) * self.args.sgd_eval
+            else:
+                o["mlsgd.path"] = [self.finest]
+                o["mlsgd.optimizer_state"] = "keep"
+                o["mlsgd.epochs"] = self.args.sgd_eval
+                o["mlsgd.cycles"] = int(horizon)
+        else:
+            o["mlsgd.cycles"] = int(horizon)
+        return o
+
+    budget: float = 0.0
+
+
+def load_compiled(setup: Setup, overrides: dict[str, Any]) -> Any:
+    import mlsgd_dsl
+
+    return mlsgd_dsl.compile(mlsgd_dsl.load(setup.file, overrides=overrides))
+
+
+def run_one(setup: Setup, name: str, seed: int, horizon: int, out: Path) -> dict[str, Any]:
+    """One training run; returns its raw record (threshold times from the metric rows)."""
+    import mlsgd_dsl
+    from mlsgd_dsl.errors import UserError
+    from mlsgd_dsl.runner.records import read_rows
+
+    overrides = setup.overrides(name, seed, horizon)
+    c = load_compiled(setup, overrides)
+    record: dict[str, Any] = {"contender": name, "seed": seed, "horizon": horizon}
+    t0 = time.time()
+    try:
+        summary = mlsgd_dsl.run(c, out_dir=out, quiet=True, device=setup.args.device,
+                                validate=False)
+    except UserError as exc:  # e.g. NaN on the finest level: report, go on with the others
+        record.update(error=str(exc).splitlines()[0], wall=time.time() - t0)
+        rows = read_rows(out) if (out / "metrics.jsonl").is_file() else []
+        record["time_to"] = time_to(rows, setup.thresholds)
+        return record
+    rows = read_rows(out)
+    record.update(
+        time_to=time_to(rows, setup.thresholds),
+        val=summary.get("val_acc"), test=summary.get("test_acc"),
+        train_time=summary.get("training_time"), wall=time.time() - t0,
+        cycles=summary.get("cycles"), finest_epochs=(summary.get("epochs") or {}).get(
+            setup.finest), global_epochs=summary.get("global_epochs"),
+        stopped=summary.get("stopped"), evals=sum(r.get("val_acc") is not None for r in rows),
+        best_val=max((r["val_acc"] for r in rows if r.get("val_acc") is not None),
+                     default=None),
+        rejected=sum(1 for r in rows if str(r.get("event") or "").startswith(
+            ("diverged", "rejected"))),
+    )
+    return record
+
+
+def time_to(rows: list[dict[str, Any]], thresholds: list[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for t in thresholds:
+        first = None
+        for r in rows:
+            if r.get("val_acc") is not None and r["val_acc"] >= t:
+                first = float(r["train_time"])
+                break
+        out[f"{t:g}"] = first
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]:
+    """Seconds per cycle (MLSGD) / per visit (SGD) from short runs of the real configurations,
+    and the budget. The runs double as a warm-up of the process."""
+    import mlsgd_dsl
+    from mlsgd_dsl.runner.records import read_rows
+
+    args = setup.args
+    cal: dict[str, Any] = {}
+    setup.budget = 1e9
+    kinds = {CONTENDERS[n]["kind"] for n in contenders}
+    need_sgd = "sgd" in kinds or args.budget is None
+    if need_sgd:
+        name = "sgd-tuned" if "sgd-tuned" in contenders else next(
+            (n for n in contenders if CONTENDERS[n]["kind"] == "sgd"), "sgd-tuned")
+        visits = max(2, math.ceil(args.calibration_epochs / args.sgd_eval))
+        o = setup.overrides(name, seed=10_000, horizon=visits)
+        o.update({"mlsgd.path": [setup.finest], "mlsgd.optimizer_state": "keep",
+                  "mlsgd.epochs": args.sgd_eval, "mlsgd.cycles": visits})
+        o.pop("mlsgd.method", None)
+        o.pop("mlsgd.sgd_epochs", None)
+        out = work / "calibrate-sgd"
+        mlsgd_dsl.run(load_compiled(setup, o), out_dir=out, quiet=True, device=args.device,
+                      validate=False)
+        times = [0.0] + [r["train_time"] for r in read_rows(out) if r.get("train_loss")
+                         is not None]
+        durations = [b - a for a, b in zip(times, times[1:])]
+        steady = durations[1:] or durations  # the first visit includes the warm-up
+        cal["sgd_visit"] = C.median(steady)
+        cal["finest_epoch"] = cal["sgd_visit"] / args.sgd_eval
+    if "mlsgd" in kinds:
+        name = next(n for n in contenders if CONTENDERS[n]["kind"] == "mlsgd")
+        o = setup.overrides(name, seed=10_000, horizon=2)
+        out = work / "calibrate-mlsgd"
+        mlsgd_dsl.run(load_compiled(setup, o), out_dir=out, quiet=True, device=args.device,
+                      validate=False)
+        rows = read_rows(out)
+        ends = {}
+        for r in rows:
+            ends[r["cycle"]] = max(ends.get(r["cycle"], 0.0), r["train_time"])
+        if len(ends) >= 2:
+            cal["mlsgd_cycle"] = ends[1] - ends[0]
+        else:
+            cal["mlsgd_cycle"] = ends.get(0)
+        cal["mlsgd_cycle_first"] = ends.get(0)
+    if args.budget is not None:
+        setup.budget = float(args.budget)
+        cal["budget_from"] = "--budget"
+    elif PRESETS[args.preset]["budget"] is not None and args.budget_epochs is None:
+        setup.budget = float(PRESETS[args.preset]["budget"])
+        cal["budget_from"] = f"preset {args.preset}"
+    else:
+        epochs = args.budget_epochs or PRESETS[args.preset]["budget_epochs"]
+        setup.budget = float(epochs) * cal["finest_epoch"]
+        cal["budget_from"] = f"{epochs:g} finest epochs x {cal['finest_epoch']:.1f} s"
+    if args.smoke and args.budget is None:
+        setup.budget = 0.3
+        cal["budget_from"] = "smoke"
+    cal["budget"] = setup.budget
+    horizons = {}
+    for name in contenders:
+        spec = CONTENDERS[name]
+        unit = cal["sgd_visit"] if spec["kind"] == "sgd" else cal["mlsgd_cycle"]
+        fit = setup.budget / unit if unit else 1.0
+        # scheduled: the schedule spans what fits in the budget; constant: the budget stops it
+        horizons[name] = max(1, round(fit)) if spec["scheduled"] else max(10, math.ceil(
+            3 * fit) + 10)
+    cal["horizons"] = horizons
+    return cal
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str],
+              cal: dict[str, Any], info: dict[str, Any], started: float,
+              seeds: list[int]) -> str:
+    th = [f"{t:g}" for t in setup.thresholds]
+    by = {n: [r for r in records if r["contender"] == n] for n in contenders}
+    unit = {n: ("visit" if CONTENDERS[n]["kind"] == "sgd" else "cycle") for n in contenders}
+    args = setup.args
+    body = C.preamble(info, started, {
+        "hierarchy": f"`{Path(setup.file).relative_to(C.ROOT)}` with overrides "
+                     f"`{json.dumps(setup.scaling)}`" + (" (SMOKE: tiny synthetic data; the "
+                                                        "numbers mean nothing)" if args.smoke
+                                                        else ""),
+        "clock": "the runner's train_time (training only; validation after every finest "
+                 "epoch / prolongation, checkpoints and logging excluded)",
+        "budget": f"{setup.budget:.1f} s of train_time per run ({cal['budget_from']}); "
+                  f"seeds {seeds}; contenders interleaved, order rotated per seed",
+        "calibration": ", ".join(f"{k} {C.fmt(v, '{:.2f}')} s" for k, v in cal.items()
+                                 if k in ("finest_epoch", "sgd_visit", "mlsgd_cycle",
+                                          "mlsgd_cycle_first")),
+        "SGD runner": (f"one-level path, validated every {args.sgd_eval:g} epoch"
+                       if args.sgd_runner == "path" else "method = 'sgd' (validated per epoch)"),
+    })
+    body += "\n**Contenders**\n\n" + C.table(
+        ["contender", "what", f"horizon (planned cycles / SGD visits)", "overrides"],
+        [[n, CONTENDERS[n]["describe"], f"{cal['horizons'][n]} {unit[n]}s"
+          + ("" if CONTENDERS[n]["scheduled"] else " (budget stops it)"),
+          f"`{json.dumps(CONTENDERS[n]['overrides'])}`"] for n in contenders])
+
+    body += "\n**Per contender** (median (min–max) over seeds; [k/n]: reached in k of n " \
+            "seeds; times in s of train_time)\n\n"
+    rows = []
+    for n in contenders:
+        rs = by[n]
+        rows.append([n, *(C.spread([r["time_to"].get(t) for r in rs], "{:.0f}") for t in th),
+                     C.spread([100 * r["val"] if r.get("val") is not None else None
+                               for r in rs], "{:.2f}"),
+                     C.spread([100 * r["test"] if r.get("test") is not None else None
+                               for r in rs], "{:.2f}"),
+                     C.spread([r.get("train_time") for r in rs], "{:.0f}"),
+                     C.spread([r.get("finest_epochs") for r in rs], "{:.1f}")])
+    body += C.table(["contender", *(f"t to {100 * float(t):g}%" for t in th), "final val %",
+                     "final test %", "train time", "finest epochs"], rows)
+
+    body += "\n**Ratios** t(MLSGD) / t(SGD) to each threshold, paired by seed (median " \
+            "(min–max) of the per-seed ratios; < 1: MLSGD faster); final accuracy differences " \
+            "in points (MLSGD − SGD)\n\n"
+    rows = []
+    headline = []
+    for m in (n for n in contenders if CONTENDERS[n]["kind"] == "mlsgd"):
+        for s in (n for n in contenders if CONTENDERS[n]["kind"] == "sgd"):
+            cells = []
+            for t in th:
+                ratios = []
+                for seed in seeds:
+                    a = next((r for r in by[m] if r["seed"] == seed), None)
+                    b = next((r for r in by[s] if r["seed"] == seed), None)
+                    ta = a["time_to"].get(t) if a else None
+                    tb = b["time_to"].get(t) if b else None
+                    ratios.append(ta / tb if ta is not None and tb else None)
+                cells.append(C.spread(ratios, "{:.2f}"))
+                full = C.clean(ratios)
+                if len(full) == len(seeds):
+                    headline.append((m, s, t, C.median(full)))
+            dv = [100 * (a.get("val", math.nan) - b.get("val", math.nan))
+                  for a in by[m] for b in by[s] if a["seed"] == b["seed"]
+                  and a.get("val") is not None and b.get("val") is not None]
+            dt = [100 * (a.get("test", math.nan) - b.get("test", math.nan))
+                  for a in by[m] for b in by[s] if a["seed"] == b["seed"]
+                  and a.get("test") is not None and b.get("test") is not None]
+            rows.append([f"{m} / {s}", *cells, C.spread(dv, "{:+.2f}"),
+                         C.spread(dt, "{:+.2f}")])
+    body += C.table(["pair", *(f"ratio to {100 * float(t):g}%" for t in th), "Δ val",
+                     "Δ test"], rows)
+    if headline:
+        body += "\nHeadline (highest threshold every seed of both reached): " + "; ".join(
+            f"{m} / {s} to {100 * float(t):g}%: {r:.2f}x the time"
+            for m, s, t, r in (max((x for x in headline if x[:2] == pair),
+                                   key=lambda x: float(x[2]))
+                               for pair in dict.fromkeys(x[:2] for x in headline))) + "\n"
+
+    body += "\n<details><summary>Raw runs</summary>\n\n" + C.table(
+        ["contender", "seed", *(f"t {100 * float(t):g}%" for t in th), "val %", "test %",
+         "best val %", "train time", "wall", "cycles", "finest ep.", "all-level ep.", "evals",
+         "rejected", "stopped"],
+        [[r["contender"], r["seed"], *(C.fmt(r["time_to"].get(t), "{:.1f}") for t in th),
+          C.pct(r.get("val")), C.pct(r.get("test")), C.pct(r.get("best_val")),
+          C.fmt(r.get("train_time"), "{:.1f}"), C.fmt(r.get("wall"), "{:.0f}"),
+          r.get("cycles"), C.fmt(r.get("finest_epochs"), "{:.2f}"),
+          C.fmt(r.get("global_epochs"), "{:.2f}"), r.get("evals"), r.get("rejected"),
+          r.get("error") or r.get("stopped")] for r in records]) + "\n</details>\n"
+    return body
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--hierarchy", choices=["depth", "resolution", "all"], default=None,
+                   help="hierarchy to benchmark (default: depth; with --smoke: all)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="fmnist-small: scaled Fashion-MNIST (~20 min per hierarchy on 2 idle "
+                        "cores, the default); fmnist: the unscaled twins; cifar10: the thesis' "
+                        "CIFAR-10 files (use on a GPU)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="train_time budget per run in seconds (default: the preset's)")
+    p.add_argument("--budget-epochs", type=float, default=None,
+                   help="budget as a number of calibrated finest-level epochs")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                   help=f"comma-separated, from {', '.join(CONTENDERS)}")
+    p.add_argument("--thresholds", type=lambda s: [float(x) for x in s.split(",")],
+                   default=None, help="validation-accuracy ladder, e.g. 0.8,0.85,0.88")
+    p.add_argument("--sgd-eval", type=float, default=0.25,
+                   help="SGD is validated every this many epochs")
+    p.add_argument("--sgd-runner", choices=["path", "method"], default="path",
+                   help="run SGD as a one-level path (validated every --sgd-eval epochs) or "
+                        "with method = 'sgd' (validated per epoch)")
+    p.add_argument("--calibration-epochs", type=float, default=0.75,
+                   help="finest epochs of the SGD calibration run")
+    p.add_argument("--download", action="store_true",
+                   help="--preset cifar10: let the data source download CIFAR-10")
+    args = p.parse_args(argv)
+    args.preset = args.preset or "fmnist-small"
+    if args.device == "cuda" and args.preset == "fmnist-small" and "--preset" not in sys.argv:
+        print("note: --device cuda with the CPU-sized preset; the GPU configuration is "
+              "--preset cifar10", file=sys.stderr)
+    if args.smoke:
+        args.seeds = args.seeds or 2
+        args.calibration_epochs = min(args.calibration_epochs, 0.5)
+    args.seeds = args.seeds or 3
+    hierarchies = [args.hierarchy or ("all" if args.smoke else "depth")]
+    if hierarchies == ["all"]:
+        hierarchies = ["depth", "resolution"]
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
+    C.setup_torch(args)
+    seeds = list(range(args.seeds))
+    results = C.results_path(args)
+    info = C.machine(args.device)
+
+    with C.workdir(args) as work:
+        for hierarchy in hierarchies:
+            started = time.time()
+            setup = Setup(args, hierarchy)
+            wd = work / f"tta-{hierarchy}"
+            print(f"[{hierarchy}] {setup.file}: calibrating ...", flush=True)
+            cal = calibrate(setup, contenders, wd)
+            print(f"[{hierarchy}] calibration {json.dumps(cal, default=str)}", flush=True)
+            records = []
+            for seed in seeds:
+                for name in C.rotate(contenders, seed):
+                    rec = run_one(setup, name, seed, cal["horizons"][name],
+                                  wd / f"{name}-seed{seed}")
+                    records.append(rec)
+                    print(f"[{hierarchy}] seed {seed} {name:13s} val {C.pct(rec.get('val'))} "
+                          f"test {C.pct(rec.get('test'))} time_to {rec['time_to']} "
+                          f"train {C.fmt(rec.get('train_time'), '{:.1f}')} s wall "
+                          f"{C.fmt(rec.get('wall'), '{:.0f}')} s"
+                          + (f" ERROR {rec['error']}" if rec.get("error") else ""), flush=True)
+            body = summarise(setup, records, contenders, cal, info, started, seeds)
+            key = f"time_to_accuracy/{hierarchy}/{args.preset}/{args.device}"
+            title = (f"Time to accuracy — {hierarchy} hierarchy, preset {args.preset}, "
+                     f"{args.device}" + (" (smoke)" if args.smoke else ""))
+            C.report(results, key, title, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
