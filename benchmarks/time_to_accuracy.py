@@ -91,9 +91,10 @@ MECHANICS = {
 
 BASE_LR = 0.05
 # MLSGD's best configuration the runner offers (chosen after short trials, see README.md):
-# momentum 0.9 on every level, one cosine schedule spanning the whole multilevel run, nested
-# initialisation, BatchNorm statistics re-estimated after every prolongation (2000 images),
-# optimiser state reset at each visit (the thesis' convention).
+# momentum 0.9 on every level with step sizes scaled by h_L / h_l (0.05 / 0.025 / 0.0125 on the
+# depth hierarchy: with momentum, the coarsest level at h = 4 diverged at 0.05), one cosine
+# schedule spanning the whole multilevel run, nested initialisation, BatchNorm statistics
+# re-estimated after every prolongation (2000 images), optimiser state reset at each visit.
 BEST = {
     "mlsgd.optimizer": {"momentum": 0.9},
     "mlsgd.schedule": {"kind": "cosine"},
@@ -101,37 +102,42 @@ BEST = {
     "mlsgd.bn_recalibration": 2000,
     "mlsgd.optimizer_state": "reset",
 }
+CONSTANT = {"mlsgd.optimizer": {"momentum": 0.0}, "mlsgd.schedule": {"kind": "constant"}}
+# lr: a number (every level) or "h" (BASE_LR x h_finest / h_level)
 CONTENDERS: dict[str, dict[str, Any]] = {
-    "sgd-const": {"kind": "sgd", "scheduled": False,
+    "sgd-const": {"kind": "sgd", "scheduled": False, "lr": BASE_LR,
                   "describe": "SGD, step 0.05 constant, no momentum (thesis baseline)",
-                  "overrides": {"mlsgd.lr": BASE_LR, "mlsgd.optimizer": {"momentum": 0.0},
-                                "mlsgd.schedule": {"kind": "constant"}}},
-    "sgd-tuned": {"kind": "sgd", "scheduled": True,
+                  "overrides": CONSTANT},
+    "sgd-tuned": {"kind": "sgd", "scheduled": True, "lr": BASE_LR,
                   "describe": "SGD, step 0.05, momentum 0.9, cosine to 0 over the budget",
-                  "overrides": {"mlsgd.lr": BASE_LR, "mlsgd.optimizer": {"momentum": 0.9},
+                  "overrides": {"mlsgd.optimizer": {"momentum": 0.9},
                                 "mlsgd.schedule": {"kind": "cosine"}}},
-    "mlsgd-best": {"kind": "mlsgd", "scheduled": True,
-                   "describe": "MLSGD, no correction, step 0.05, momentum 0.9 on every level, "
-                               "cosine over the run, nested init, BN re-estimation",
-                   "overrides": {"mlsgd.lr": BASE_LR, **BEST}},
-    "mlsgd-thesis": {"kind": "mlsgd", "scheduled": False,
+    "mlsgd-best": {"kind": "mlsgd", "scheduled": True, "lr": "h",
+                   "describe": "MLSGD, no correction, step 0.05·h_L/h_l, momentum 0.9 on every "
+                               "level, cosine over the run, nested init, BN re-estimation",
+                   "overrides": BEST},
+    "mlsgd-thesis": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
                      "describe": "MLSGD, no correction, step 0.05 constant, no momentum (thesis)",
-                     "overrides": {"mlsgd.lr": BASE_LR, "mlsgd.optimizer": {"momentum": 0.0},
-                                   "mlsgd.schedule": {"kind": "constant"}}},
+                     "overrides": CONSTANT},
     # variants for trials (not run by default)
-    "mlsgd-keep": {"kind": "mlsgd", "scheduled": True,
+    "mlsgd-warm": {"kind": "mlsgd", "scheduled": True, "lr": "h",
+                   "describe": "mlsgd-best with a linear warm-up over the first epoch",
+                   "overrides": {**BEST, "mlsgd.schedule": {"kind": "cosine", "warmup": 1.0}}},
+    "mlsgd-keep": {"kind": "mlsgd", "scheduled": True, "lr": "h",
                    "describe": "mlsgd-best with optimizer_state = keep",
-                   "overrides": {"mlsgd.lr": BASE_LR, **BEST, "mlsgd.optimizer_state": "keep"}},
-    "mlsgd-transfer": {"kind": "mlsgd", "scheduled": True,
+                   "overrides": {**BEST, "mlsgd.optimizer_state": "keep"}},
+    "mlsgd-transfer": {"kind": "mlsgd", "scheduled": True, "lr": "h",
                        "describe": "mlsgd-best with optimizer_state = transfer",
-                       "overrides": {"mlsgd.lr": BASE_LR, **BEST,
-                                     "mlsgd.optimizer_state": "transfer"}},
-    "mlsgd-nobn": {"kind": "mlsgd", "scheduled": True,
+                       "overrides": {**BEST, "mlsgd.optimizer_state": "transfer"}},
+    "mlsgd-samelr": {"kind": "mlsgd", "scheduled": True, "lr": BASE_LR,
+                     "describe": "mlsgd-best with step 0.05 on every level",
+                     "overrides": BEST},
+    "mlsgd-nobn": {"kind": "mlsgd", "scheduled": True, "lr": "h",
                    "describe": "mlsgd-best without BN re-estimation",
-                   "overrides": {"mlsgd.lr": BASE_LR, **BEST, "mlsgd.bn_recalibration": 0}},
-    "mlsgd-indep": {"kind": "mlsgd", "scheduled": True,
+                   "overrides": {**BEST, "mlsgd.bn_recalibration": 0}},
+    "mlsgd-indep": {"kind": "mlsgd", "scheduled": True, "lr": "h",
                     "describe": "mlsgd-best with independent initialisation",
-                    "overrides": {"mlsgd.lr": BASE_LR, **BEST, "mlsgd.init": "independent"}},
+                    "overrides": {**BEST, "mlsgd.init": "independent"}},
 }
 DEFAULT_CONTENDERS = ["sgd-const", "sgd-tuned", "mlsgd-best"]
 
@@ -169,11 +175,12 @@ class Setup:
                                               else preset["thresholds"])
         self.base["report.thresholds"] = self.thresholds
         self.epochs = {n: h.for_level(h.mlsgd.epochs, n) for n in self.levels}
+        self.h = {n: c.h(n) for n in self.levels}
         self.batch = h.for_level(h.mlsgd.batch_size, self.finest)
 
     def overrides(self, name: str, seed: int, horizon: int | None) -> dict[str, Any]:
         spec = CONTENDERS[name]
-        o = {**self.base, **spec["overrides"], "mlsgd.seed": seed,
+        o = {**self.base, **spec["overrides"], "mlsgd.lr": self.lr(name), "mlsgd.seed": seed,
              "mlsgd.time_budget": self.budget, "mlsgd.correction": "none"}
         if spec["kind"] == "sgd":
             o["mlsgd.init"] = "independent"
@@ -188,6 +195,12 @@ class Setup:
         else:
             o["mlsgd.cycles"] = int(horizon)
         return o
+
+    def lr(self, name: str) -> float | dict[str, float]:
+        rule = CONTENDERS[name]["lr"]
+        if rule == "h":
+            return {n: BASE_LR * self.h[self.finest] / self.h[n] for n in self.levels}
+        return float(rule)
 
     budget: float = 0.0
 
@@ -343,10 +356,11 @@ def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str]
                        if args.sgd_runner == "path" else "method = 'sgd' (validated per epoch)"),
     })
     body += "\n**Contenders**\n\n" + C.table(
-        ["contender", "what", f"horizon (planned cycles / SGD visits)", "overrides"],
+        ["contender", "what", "horizon (planned cycles / SGD visits)", "overrides"],
         [[n, CONTENDERS[n]["describe"], f"{cal['horizons'][n]} {unit[n]}s"
           + ("" if CONTENDERS[n]["scheduled"] else " (budget stops it)"),
-          f"`{json.dumps(CONTENDERS[n]['overrides'])}`"] for n in contenders])
+          f"`{json.dumps({'mlsgd.lr': setup.lr(n), **CONTENDERS[n]['overrides']})}`"]
+         for n in contenders])
 
     body += "\n**Per contender** (median (min–max) over seeds; [k/n]: reached in k of n " \
             "seeds; times in s of train_time)\n\n"

@@ -5,8 +5,9 @@
 
 Without run folders the script trains two itself: the quickstart with MLSGD and its finest
 network trained by plain SGD (``mlsgd.method = "sgd"``, the baseline, for as many epochs as
-MLSGD spends on all levels together), into OUT/mlsgd and OUT/sgd. It writes OUT/plot_runs.png: validation accuracy and the finest level's training
-loss against training time. ``mlsgd-dsl compare`` draws the first panel for you; this script
+MLSGD spends on all levels together), into OUT/mlsgd and OUT/sgd. It writes
+OUT/plot_runs.png: validation accuracy and the finest level's training loss against training
+time. ``mlsgd-dsl compare`` draws the first panel for you; this script
 shows how to draw anything else from ``metrics.jsonl``.
 """
 
@@ -28,7 +29,7 @@ from mlsgd_dsl.runner.summary import finest_level  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "hierarchies" / "quickstart.toml"
 TINY = {"data.options.train": 400, "data.options.test": 200, "data.validation": 100,
-        "mlsgd.cycles": 2, "mlsgd.batch_size": 50}
+        "mlsgd.cycles": 1, "mlsgd.batch_size": 50}
 
 
 def train_two(out: Path, tiny: bool) -> list[Path]:

@@ -118,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     compiled = _compiled(argparse.Namespace(**{**vars(args), "overrides": overrides}))
     summary = run(compiled, out_dir=args.out, resume=args.resume, device=args.device,
                   quiet=args.quiet, validate=not args.no_validate, force=args.force)
+    if summary.get("rank", 0):  # under torchrun, rank 0 reports for all
+        return 0
     out = summary.get("run_dir", "")
     final = summary.get("final", summary)
     acc = final.get("val_acc")

@@ -350,8 +350,21 @@ class Compiled:
         return entry.record.create(options)
 
     def resolved(self) -> dict[str, Any]:
-        """The fully resolved configuration (inheritance and overrides applied)."""
-        return self.hierarchy.model_dump(mode="json")
+        """The fully resolved configuration (inheritance and overrides applied).
+
+        Your-own-model levels (``family = "import"``) get the hierarchy file's folder in their
+        ``search_path``, so the saved copy in a run folder loads from anywhere.
+        """
+        data = self.hierarchy.model_dump(mode="json")
+        data.pop("extends", None)
+        if self.base_dir is not None:
+            for level in data["levels"].values():
+                model = level.get("model", {})
+                if model.get("family") == "import":
+                    paths = list(model.get("search_path", []))
+                    if str(self.base_dir) not in paths:
+                        model["search_path"] = [*paths, str(self.base_dir)]
+        return data
 
     def config_hash(self) -> str:
         text = json.dumps(self.resolved(), sort_keys=True)

@@ -216,7 +216,8 @@ class MLSGDSpec(Strict):
     sgd_epochs: Epochs | None = Field(None, description="Epochs of method = 'sgd' (default: "
                                       "cycles x the finest level's epochs).")
     time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds "
-                                      "of training (wall clock).")
+                                      "of training (wall clock of training steps; evaluation "
+                                      "and checkpoints excluded).")
     lr: per_level(LearningRate) = Field(0.05, description="Learning rate alpha_l (start value "
                                         "of the schedule).")
     batch_size: per_level(BatchSize) = Field(250, description="Mini-batch size (thesis: 250).")
@@ -242,7 +243,8 @@ class MLSGDSpec(Strict):
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     full_batch_size: BatchSize = Field(2000, description="Batch size of full-gradient "
-                                       "passes (no augmentation, BatchNorm in eval mode).")
+                                       "passes (no augmentation; BatchNorm statistics are "
+                                       "not updated).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, batches "
                       "and augmentation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when "

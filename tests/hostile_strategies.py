@@ -258,6 +258,7 @@ def get(doc: Any, path: tuple) -> Any:
 def set_path(doc: dict, path: tuple, value: Any, templates: dict | None = None) -> None:
     """Set ``doc[path] = value``, creating tables / arrays on the way (from ``templates``)."""
     templates = templates or {}
+    value = copy.deepcopy(value)  # pool values (sampled_from / just) are shared objects
     node: Any = doc
     for i, part in enumerate(path[:-1]):
         want_list = isinstance(path[i + 1], int)
@@ -309,7 +310,7 @@ def mutated_doc(draw: st.DrawFn, names: tuple[str, ...] = ()) -> Example:
         if op == "delete":
             del parent[key]
         elif op == "replace":
-            parent[key] = draw(values)
+            parent[key] = copy.deepcopy(draw(values))
         elif op == "retype":
             old = parent[key]
             parent[key] = draw(st.sampled_from([
@@ -334,9 +335,9 @@ def mutated_doc(draw: st.DrawFn, names: tuple[str, ...] = ()) -> Example:
             target = draw(st.sampled_from(list(container_paths(doc))))
             node = get(doc, target)
             if isinstance(node, dict):
-                node[draw(keys)] = draw(values)
+                node[draw(keys)] = copy.deepcopy(draw(values))
             else:
-                node.append(draw(values))
+                node.append(copy.deepcopy(draw(values)))
         done.append(f"{op} {path!r}")
     text = dumps(defang(doc), tables=draw(st.booleans()))
     return _shipped_example(name, text.encode("utf-8"), f"mutated {name}: " + "; ".join(done))
@@ -806,6 +807,19 @@ override_items = st.one_of(
 )
 
 
+#: Overrides a user would plausibly type (most are valid), so that hostile ones are also
+#: combined with accepted ones and some examples get through to compile / validate.
+plausible_items = st.sampled_from([
+    "mlsgd.cycles=2", "mlsgd.lr=0.1", "mlsgd.batch_size=50", "levels.fine.model.layers=4",
+    "levels.mid.h=2.5", 'mlsgd.cycle="W"', "model.channels=[4, 8]", "data.options.size=32",
+    'transfer.rules."blocks.*.layers.*"="depth.linear"', "mlsgd.epochs=0.5",
+    "mlsgd.epochs.coarse=2", "report.thresholds=[0.5]", 'mlsgd.optimizer={name="adam"}',
+    "data.options.train=500", 'levels.coarse.data.coarsen=[{method="avgpool"}]',
+    "mlsgd.path=[\"coarse\", \"mid\", \"fine\"]", "mlsgd.cycles = 3 ", " mlsgd.cycles=3",
+    "description=\u202e", 'name="x-\u0301"', "mlsgd.angle.mu=0.5",
+])
+
+
 class Unwritable:
     """A Python value no TOML writer knows."""
 
@@ -824,7 +838,12 @@ python_values = st.recursive(
 #: Lists of ``--set`` strings, or the Python API's mapping form ``{"key.path": value}``.
 overrides = st.one_of(
     st.lists(override_items, min_size=1, max_size=3),
-    st.lists(override_items, min_size=1, max_size=3),
+    st.lists(st.one_of(override_items, plausible_items), min_size=1, max_size=3),
+    st.lists(plausible_items, min_size=1, max_size=2),
     st.dictionaries(override_keys, python_values, min_size=1, max_size=3),
 )
-cli_overrides = st.lists(override_items, min_size=1, max_size=3)
+cli_overrides = st.one_of(
+    st.lists(override_items, min_size=1, max_size=3),
+    st.lists(st.one_of(override_items, plausible_items), min_size=1, max_size=3),
+    st.lists(plausible_items, min_size=1, max_size=2),
+)

@@ -6,12 +6,21 @@
     strategy = "stochastic"
     fraction = 0.03125
     variance_reduction = true
+
+``delayed`` starts uncorrected and switches an inner strategy on later (thesis 4.4)::
+
+    [mlsgd.correction]
+    strategy = "delayed"
+    inner = "stochastic"
+    after_cycle = 6
+    gradient_norm_below = 0.05
 """
 
 from __future__ import annotations
 
 from ..api import CorrectionStrategy
 from ..hookspecs import hookimpl
+from ..runner.delayed import DelayedOptions, create_delayed
 from ..runner.corrections import (
     DeterministicOptions,
     NoneOptions,
@@ -41,4 +50,11 @@ def mlsgd_corrections() -> list[CorrectionStrategy]:
             description="Correction with gradients estimated on a sampled fraction of the data "
                         "(thesis 3.3.4, default 3.125 %); variance_reduction = true: (3.21) "
                         "(3.3.5)."),
+        CorrectionStrategy(
+            name="delayed", options=DelayedOptions, create=create_delayed,
+            description="Starts uncorrected and switches the deterministic or stochastic "
+                        "correction on after a cycle, when ||P* grad F_L|| falls below a "
+                        "threshold or when the angle of the prolongated coarse step to "
+                        "-grad F_L falls below a bound (thesis 4.4); records the switch in "
+                        "the metrics."),
     ]

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -65,8 +66,31 @@ def _import_path(extra: list[str]) -> Iterator[None]:
         sys.path[:] = saved
 
 
-def _resolve(factory: str) -> Callable[..., Any]:
+def _forget_stale(module_name: str, search_path: list[str]) -> None:
+    """Drop a cached module that is not the file this hierarchy's search path points at.
+
+    Two hierarchy files in one process may each ship their own ``nets.py``; ``import_module``
+    alone would hand the second the first one's module.
+    """
+    top = module_name.split(".")[0]
+    cached = sys.modules.get(top)
+    if cached is None:
+        return
+    origin = getattr(cached, "__file__", None)
+    for folder in search_path:
+        base = Path(folder).resolve()
+        for candidate in (base / f"{top}.py", base / top / "__init__.py"):
+            if candidate.is_file():
+                if origin is None or Path(origin).resolve() != candidate:
+                    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+                        del sys.modules[name]
+                    importlib.invalidate_caches()
+                return
+
+
+def _resolve(factory: str, search_path: list[str] | None = None) -> Callable[..., Any]:
     module_name, _, attr_path = factory.partition(":")
+    _forget_stale(module_name, list(search_path or []))
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # a user module may fail in any way while importing
@@ -115,7 +139,7 @@ def build(options: ImportOptions | dict[str, Any], context: ModelContext) -> nn.
     if not isinstance(options, ImportOptions):
         options = ImportOptions.model_validate(options)
     with _import_path(options.search_path):
-        fn = _resolve(options.factory)
+        fn = _resolve(options.factory, options.search_path)
         kwargs = {**_context_kwargs(fn, options.kwargs, context), **options.kwargs}
         try:
             model = fn(**kwargs)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schema import OptimizerSpec
+from . import distributed
 from .corrections import LevelCorrection, snapshot_params
 from .objective import Objective, dot, norm
 
@@ -110,6 +111,7 @@ class Level:
                  ) -> None:
         self.name = name
         self.model = model
+        self.train_model = model  # what the training steps call: DDP(model) under torchrun
         self.data = data
         self.h = float(h)
         self.lr = float(lr)
@@ -291,6 +293,7 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
     if augment.active:
         from ..data.augment import augment_batch
     scheduled = not host.schedule_constant()
+    world = distributed.world_size()  # > 1: this rank trains on its slice of every batch
 
     # ---- the constant part of the gradient of H_l, folded into one vector:
     #      vector (correction) − 2·l2·w_0 (VR: the snapshot's ℓ2 gradient) − λ h_l w_{l,0}
@@ -335,15 +338,22 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
         k_start = min(10, max(1, math.ceil(nb / 10))) if start_loss is None else 0
         epoch0 = host.global_epoch
         for b in range(nb):
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and distributed.any_rank(time.perf_counter() > deadline):
                 result.status = "time"
                 event = "time_budget"
                 break
             idx = perm[b * bsz:(b + 1) * bsz]
+            if world > 1:  # the loss weight makes DDP's average the global batch's gradient
+                part = distributed.shard_slice(len(idx))
+                share = (part.stop - part.start) / len(idx)
+                if not augment.active:
+                    idx = idx[part]
             x, y = x_all[idx], y_all[idx]
-            if augment.active:
+            if augment.active:  # of the global batch: the same random draws on every rank
                 x = augment_batch(x, flip=augment.flip, crop=augment.crop, fill=augment.fill,
                                   generator=gen)
+                if world > 1:
+                    x, y = x[part], y[part]
             if scheduled:
                 lr_now = host.lr(level.lr, epoch0 + b / nb_full, 1.0 / nb_full)
                 for group in optimizer.param_groups:
@@ -352,8 +362,10 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
             if checking:
                 torch._foreach_copy_(prev, [p.detach() for p in params])
 
-            out = model(x)
+            out = level.train_model(x)
             loss, ce = objective.loss(out, y)
+            if world > 1:
+                loss = loss * (share * world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if snapshot is not None or objective.l2 or const is not None or lam_h:
@@ -361,8 +373,12 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
                 if snapshot is not None:  # VR: − g_l(w_0, ξ) on the same batch
                     snapshot.zero_grad(set_to_none=True)
                     loss0, _ = objective.loss(snapshot(x), y, model=snapshot)
+                    if world > 1:
+                        loss0 = loss0 * (share * world)
                     loss0.backward()
-                    torch._foreach_sub_(grads, _grads(snap_params))
+                    grads0 = _grads(snap_params)
+                    distributed.all_reduce_(grads0, mean=True)  # DDP does it for the model
+                    torch._foreach_sub_(grads, grads0)
                 objective.add_l2_gradient(grads)
                 if const is not None:
                     torch._foreach_add_(grads, const)
@@ -372,11 +388,11 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
             step += 1
             done += 1
             with torch.no_grad():
-                loss_sum += ce.detach()
+                loss_sum += ce.detach() if world == 1 else ce.detach() * share
                 correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             if b + 1 == k_start:
-                start_loss = float(loss_sum) / k_start
+                start_loss = distributed.all_reduce_floats([loss_sum])[0] / k_start
                 start_batches = k_start
             if checking and not angle.ok(params):
                 with torch.no_grad():
@@ -392,8 +408,10 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
         result.epochs += epoch_frac
         result.steps = step
         result.epoch_index = e + 1
-        loss_value = float(loss_sum) / done if done else float("nan")
-        acc_value = float(correct) / seen if seen else float("nan")
+        loss_total, correct_total, seen = distributed.all_reduce_floats(
+            [loss_sum, correct, seen], like=loss_sum)  # one process: plain floats
+        loss_value = loss_total / done if done else float("nan")
+        acc_value = correct_total / seen if seen else float("nan")
         if done and start_loss is None:  # a visit shorter than k_start batches
             start_loss, start_batches = loss_value, done
         diverged = done > 0 and (not math.isfinite(loss_value) or (

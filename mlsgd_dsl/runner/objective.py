@@ -23,7 +23,7 @@ entropy (the data term); :meth:`Objective.regularizer` gives the rest when it is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +75,15 @@ class Objective:
     # ------------------------------------------------------------------ full passes
 
     def gradient(self, x: Tensor, y: Tensor, *, batch_size: int, indices: Tensor | None = None,
-                 batchnorm: str = "batch", model: nn.Module | None = None) -> list[Tensor]:
+                 batchnorm: str = "batch", model: nn.Module | None = None,
+                 shard: tuple[int, int] = (0, 1),
+                 reduce: Callable[[list[Tensor]], None] | None = None) -> list[Tensor]:
         """Euclidean ``∇F_l`` at the current weights of ``model`` on ``x[indices]`` (all of it).
+
+        Distributed (``shard = (rank, world)``): this process computes the chunks ``rank,
+        rank + world, …`` only — the same chunks, hence the same BatchNorm statistics, as one
+        process — and ``reduce`` sums the partial gradients over the ranks before the
+        regularisers are added.
 
         The cross entropy is averaged over the whole (sub)set, computed in chunks of
         ``batch_size`` (in data order: deterministic) with no augmentation.
@@ -106,8 +113,11 @@ class Objective:
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
             del bounds[-2]
         grads = [torch.zeros_like(p) for p in params]
+        rank, world = shard
         try:
-            for start, stop in zip(bounds, bounds[1:]):
+            for chunk, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+                if chunk % world != rank:
+                    continue
                 if indices is not None:
                     idx = indices[start:stop]
                     xb, yb = x[idx], y[idx]
@@ -118,6 +128,8 @@ class Objective:
                 for g, part in zip(grads, parts):
                     if part is not None:
                         g.add_(part)
+            if reduce is not None:
+                reduce(grads)
             if self.smoothness:
                 value = model.smoothness()
                 if value.requires_grad:  # a one-layer block has a constant 0

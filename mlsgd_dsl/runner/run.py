@@ -64,13 +64,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, RunError
-from . import bn
+from ..errors import ConfigError, PluginFailure, RunError, UserError
+from . import bn, distributed
 from .checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_bytes,
-    latest_checkpoint,
     load_checkpoint,
+    previous_path,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -170,6 +170,24 @@ def toml_dumps(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
     return out
 
 
+def _plugin_label(compiled: Any, impl: Any) -> str:
+    """``plugin NAME (DIST VERSION)`` of a hook implementation, from the registry's records."""
+    from ..registry import Entry, _dist_of
+
+    name = impl.plugin_name
+    registry = getattr(compiled, "registry", None)
+    for provided in getattr(registry, "provided", []):
+        if provided.plugin == name:
+            return Entry(None, name, provided.distribution, provided.version).label()
+    dist, version = _dist_of(impl.plugin)
+    if dist:
+        return Entry(None, name, dist, version).label()
+    if name.isdigit():  # registered without a name: say what it is
+        name = getattr(impl.plugin, "__name__", None) or type(impl.plugin).__qualname__
+    module = getattr(impl.plugin, "__name__", None) or type(impl.plugin).__module__
+    return f"plugin {name} (registered at run time from {module})"
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -190,16 +208,18 @@ class Trainer:
         # setting is restored when fit() returns (torch has no getter: probe it)
         self._flush_before = flush_denormal_enabled()
         torch.set_flush_denormal(True)
-        self.device = _select_device(device, spec.device)
+        self.device = distributed.device_for_rank(_select_device(device, spec.device))
+        # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 writes the run folder
+        self._owns_group = distributed.setup(self.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
 
         if resume is not None:
             resume = Path(resume)
-            if not resume.is_dir():
-                raise RunError(f"cannot resume: {resume} is not a run folder")
             out_dir = Path(out_dir) if out_dir is not None else resume
         if out_dir is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            out_dir = Path("runs") / f"{self.h.name}-{stamp}"
+            out_dir = distributed.broadcast_object(f"runs/{self.h.name}-{stamp}")
         self.out_dir = Path(out_dir)
         self.resume_dir = resume
         self.force = force
@@ -229,7 +249,7 @@ class Trainer:
         obj = spec.objective
         self.levels: dict[str, Level] = {}
         for name in used:
-            model = models[name].to(self.device)
+            model = distributed.prepare_model(models[name].to(self.device), self.device)
             splits = data[name]
             fill = splits.black() if hasattr(splits, "black") else 0.0
             self.levels[name] = Level(
@@ -240,6 +260,7 @@ class Trainer:
                 optimizer=compiled.for_level(spec.optimizer, name),
                 l2=obj.l2, smoothness=obj.smoothness, device=self.device,
                 augment=Augment(flip=aug.flip, crop=aug.crop, fill=fill))
+            self.levels[name].train_model = distributed.wrap(model, self.device)
         fin = self.levels[self.finest]
         if self.sgd:
             total = spec.sgd_epochs if spec.sgd_epochs is not None else \
@@ -391,10 +412,13 @@ class Trainer:
         if model is None and key in self._grad_cache:
             return self._grad_cache[key]
         # gradient passes are training work: they count as training time
-        g = lv.objective.gradient(lv.data.train_x, lv.data.train_y,
-                                  batch_size=self.spec.full_batch_size,
-                                  indices=sample.indices if sample is not None else None,
-                                  batchnorm=self.batchnorm_mode, model=model)
+        shared = {"shard": (self.rank, self.world), "reduce": distributed.all_reduce_} \
+            if self.world > 1 else {}
+        with distributed.local_batchnorm(model or lv.model):
+            g = lv.objective.gradient(lv.data.train_x, lv.data.train_y,
+                                      batch_size=self.spec.full_batch_size,
+                                      indices=sample.indices if sample is not None else None,
+                                      batchnorm=self.batchnorm_mode, model=model, **shared)
         if model is None:
             self._grad_cache[key] = g
         return g
@@ -444,19 +468,50 @@ class Trainer:
         if fin.version == self._finest_version_evaluated and self.last_val is not None:
             return
         with self.excluded():
-            splits = fin.data
-            loss, acc = fin.objective.evaluate(splits.val_x, splits.val_y,
-                                               batch_size=self.spec.eval.batch_size)
+            loss, acc = self._evaluate(fin, fin.data.val_x, fin.data.val_y)
         self.last_val = (loss, acc)
         self._finest_version_evaluated = fin.version
         row["val_loss"], row["val_acc"] = loss, acc
+
+    def _evaluate(self, lv: Level, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """(mean loss, accuracy) of ``lv``'s model; distributed: each rank a contiguous shard,
+        sums all-reduced."""
+        bsz = self.spec.eval.batch_size
+        if self.world == 1:
+            return lv.objective.evaluate(x, y, batch_size=bsz)
+        part = distributed.shard_slice(len(x))
+        m = part.stop - part.start
+        loss, acc = lv.objective.evaluate(x[part], y[part], batch_size=bsz)
+        loss_sum, correct = distributed.all_reduce_floats([loss * m, acc * m],
+                                                          like=lv.params[0])
+        n = max(len(x), 1)
+        return loss_sum / n, round(correct) / n
 
     def _write(self, row: dict[str, Any]) -> None:
         with self.excluded():
             if self.log is not None:
                 self.log.append(row)
-            if self.hook is not None:
-                self.hook.mlsgd_epoch_end(run=self, record=row)
+            self._emit("mlsgd_epoch_end", run=self, record=row)
+
+    def _emit(self, hook_name: str, **kwargs: Any) -> None:
+        """Call the event hook's implementations one by one (rank 0 only); an exception in one
+        ends the run with :class:`PluginFailure` naming the plugin, never a traceback."""
+        if self.hook is None or not self.is_main:
+            return
+        caller = getattr(self.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                continue  # an event has no result to wrap
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:
+                where = ""
+                if hook_name in ("mlsgd_epoch_end", "mlsgd_cycle_end") and \
+                        self.h.report.checkpoint != "none":
+                    where = (f"; the checkpoint after cycle {self.cycles_done} is in "
+                             f"{self.out_dir} — continue with --resume {self.out_dir}")
+                raise PluginFailure(f"{_plugin_label(self.c, impl)}: hook {hook_name} raised "
+                                    f"{type(exc).__name__}: {exc}{where}") from None
 
     def _event(self, level: str, event: str, evaluate: bool = False) -> None:
         row = self._row(level, None, event)
@@ -580,9 +635,11 @@ class Trainer:
                 pm = tr.prolongate(dict(zip(cl.names, m)))
                 set_first_moment(fl.optimizer, fl.params, [pm[n] for n in fl.names])
         if moved and self.spec.bn_recalibration > 0 and bn.has_batchnorm(fl.model):
-            if bn.recalibrate(fl.model, fl.data.train_x, images=self.spec.bn_recalibration,
-                              batch_size=fl.batch_size, generator=self.generator):
-                fl.version += 1
+            with distributed.local_batchnorm(fl.model):  # the same images on every rank
+                if bn.recalibrate(fl.model, fl.data.train_x,
+                                  images=self.spec.bn_recalibration,
+                                  batch_size=fl.batch_size, generator=self.generator):
+                    fl.version += 1
         if moved and fine == self.finest and self.eval_every in ("epoch", "level"):
             self._event(fine, "prolongated", evaluate=True)
 
@@ -628,13 +685,16 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint(self, completed: int) -> None:
-        if self.h.report.checkpoint == "none":
+        if self.h.report.checkpoint == "none" or not self.is_main:
             return
         with self.excluded():
             keep = self.sgd or self.spec.optimizer_state != "reset"
             payload = {
                 "format": CHECKPOINT_FORMAT,
                 "config_hash": self.config_hash,
+                "seed": self.spec.seed,
+                "data_seed": self.h.data.seed,
+                "world_size": self.world,
                 "cycles_done": completed,
                 "rows": self.log.rows_written if self.log else 0,
                 "global_epoch": self.global_epoch,
@@ -653,10 +713,49 @@ class Trainer:
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, payload)
 
     def _load_resume_checkpoint(self) -> dict[str, Any]:
-        path = latest_checkpoint(self.resume_dir)
-        if path is None:
-            raise RunError("no checkpoint to resume from", file=str(self.resume_dir))
-        ck = load_checkpoint(path, map_location=self.device)
+        """Rank 0 reads the checkpoint; every rank gets it (or the same error)."""
+        ck, error = None, None
+        if self.is_main:
+            try:
+                ck = self._read_resume_checkpoint()
+            except UserError as exc:
+                error = exc
+        ck, message = distributed.broadcast_object((ck, str(error) if error else None))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunError(message)
+        return ck
+
+    def _read_resume_checkpoint(self) -> dict[str, Any]:
+        """``checkpoint.pt``, or ``checkpoint.prev.pt`` when the newer one cannot be loaded (a
+        message says so, and the bad file is set aside as ``checkpoint.pt.corrupt``)."""
+        run_dir = self.resume_dir
+        if not run_dir.is_dir():
+            raise RunError(f"cannot resume: {run_dir} is not a run folder")
+        current = run_dir / CHECKPOINT_NAME
+        candidates = [p for p in (current, previous_path(current)) if p.is_file()]
+        if not candidates:
+            raise RunError("no checkpoint to resume from", file=str(run_dir))
+        failures: list[RunError] = []
+        for path in candidates:
+            try:
+                ck = load_checkpoint(path, map_location="cpu")
+            except RunError as exc:
+                failures.append(exc)
+                continue
+            break
+        else:
+            if len(failures) == 1:
+                raise failures[0]
+            raise RunError(f"neither {current.name} nor {candidates[1].name} can be loaded "
+                           f"({failures[0].message.split(';')[0]})", file=str(run_dir))
+        if failures:
+            print(f"mlsgd-dsl: warning: {failures[0].message.split(';')[0]} "
+                  f"({current}); resuming from {path.name} (after cycle "
+                  f"{ck.get('cycles_done')}), the copy before it", file=sys.stderr)
+            if current.is_file():
+                current.replace(current.with_name(current.name + ".corrupt"))
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"checkpoint format {ck.get('format')!r} is not "
                            f"{CHECKPOINT_FORMAT}", file=str(path))
@@ -669,6 +768,10 @@ class Trainer:
 
     def _restore(self) -> int:
         ck = self._resume_ck
+        if int(ck.get("world_size", 1)) != self.world and self.is_main:
+            print(f"mlsgd-dsl: note: the checkpoint was written by {ck.get('world_size', 1)} "
+                  f"process(es), this run has {self.world}; the global batch is the same",
+                  file=sys.stderr)
         self.levels[self.finest].load_state(ck["finest"])
         for name, state in ck.get("optimizers", {}).items():
             if name in self.levels:
@@ -684,7 +787,8 @@ class Trainer:
         # the budget counts the training time of all sessions
         set_rng_state(ck["rng"])
         self.generator.set_state(ck["generator"].to("cpu", torch.uint8))
-        self.log = MetricsLog(self.out_dir, resume_rows=int(ck["rows"]))
+        if self.is_main:
+            self.log = MetricsLog(self.out_dir, resume_rows=int(ck["rows"]))
         return int(ck["cycles_done"])
 
     # ------------------------------------------------------------------ the run
@@ -698,15 +802,17 @@ class Trainer:
 
     def start(self) -> int:
         """Open the run folder (or restore the checkpoint); return the first cycle to run."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_dir is not None:
             start = self._restore()
         else:
-            self.log = MetricsLog(self.out_dir)
+            self.log = MetricsLog(self.out_dir) if self.is_main else None
             start = 0
         self._t0 = time.perf_counter()
         self._excluded = 0.0
-        self._write_config()
+        if self.is_main:
+            self._write_config()
         if start == 0 and self.resume_dir is None:
             self._checkpoint(0)
         return start
@@ -715,18 +821,19 @@ class Trainer:
         """Train all cycles, then evaluate and write the summary; returns the summary."""
         try:
             start = self.start()
-            if self.hook is not None:
-                self.hook.mlsgd_run_start(run=self)
+            self._emit("mlsgd_run_start", run=self)
             self._train(start)
             return self._finish()
         finally:
             torch.set_flush_denormal(self._flush_before)
+            distributed.teardown(self._owns_group)
 
     def _train(self, start: int) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=round(self.total_epochs, 6), initial=round(self.global_epoch, 6),
-                        unit="ep", disable=self.quiet, dynamic_ncols=True, leave=False,
+                        unit="ep", disable=self.quiet or not self.is_main,
+                        dynamic_ncols=True, leave=False,
                         file=sys.stderr, desc=self.h.name)
         k = start
         try:
@@ -743,8 +850,7 @@ class Trainer:
                 if self.eval_every == "cycle":
                     self._event(self.finest, "cycle", evaluate=True)
                 self._checkpoint(k)
-                if self.hook is not None:
-                    self.hook.mlsgd_cycle_end(run=self, cycle=k - 1)
+                self._emit("mlsgd_cycle_end", run=self, cycle=k - 1)
         except KeyboardInterrupt:
             raise RunError(
                 f"interrupted during cycle {self.cycle}; the checkpoint after cycle "
@@ -760,11 +866,10 @@ class Trainer:
         spec = self.spec
         with self.excluded():
             d = fin.data
-            bsz = spec.eval.batch_size
-            train_loss, train_acc = fin.objective.evaluate(d.train_x, d.train_y, batch_size=bsz)
-            val_loss, val_acc = fin.objective.evaluate(d.val_x, d.val_y, batch_size=bsz) \
+            train_loss, train_acc = self._evaluate(fin, d.train_x, d.train_y)
+            val_loss, val_acc = self._evaluate(fin, d.val_x, d.val_y) \
                 if len(d.val_x) else (float("nan"), float("nan"))
-            test_loss, test_acc = fin.objective.evaluate(d.test_x, d.test_y, batch_size=bsz)
+            test_loss, test_acc = self._evaluate(fin, d.test_x, d.test_y)
         rows = read_rows(self.out_dir) if self.log is not None and self.log.rows_written \
             else []
         final = {
@@ -780,6 +885,8 @@ class Trainer:
             "cycle_kind": None if self.sgd else spec.cycle,
             "config_hash": self.config_hash,
         }
+        if not self.is_main:  # rank 0 writes the run folder; the others report its place
+            return {**final, "run_dir": str(self.out_dir), "rank": self.rank}
         summary = build_summary(rows, name=self.h.name, method=spec.method,
                                 thresholds=list(self.h.report.thresholds), final=final)
         summary["run_dir"] = str(self.out_dir)
@@ -792,8 +899,7 @@ class Trainer:
                               title=f"{self.h.name} ({spec.method})")
             except ImportError:  # matplotlib missing: the numbers are in the summary
                 pass
-        if self.hook is not None:
-            self.hook.mlsgd_run_end(run=self, summary=summary)
+        self._emit("mlsgd_run_end", run=self, summary=summary)
         return summary
 
 
