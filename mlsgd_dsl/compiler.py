@@ -74,7 +74,9 @@ class Compiled:
             self._options[("data",)]
         try:
             c, hh, ww, classes = src_entry.record.shape(src_opts)
-        except UserError:
+        except UserError as exc:
+            if exc.file is None:
+                raise type(exc)(exc.message, file=self.file, path=("data", "options")) from None
             raise
         except Exception as exc:
             raise PluginFailure(f"{src_entry.label()}: data source {h.data.source!r} shape() "
@@ -132,8 +134,16 @@ class Compiled:
         except ConfigError as exc:
             raise ConfigError(exc.message, file=self.file,
                               path=(*path, *exc.path[1:])) from None
-        except UserError:
+        except UserError as exc:
+            if exc.file is None:
+                raise type(exc)(exc.message, file=self.file, path=path) from None
             raise
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise PluginFailure(f"{family.label()}: architecture {family.record.name!r} "
+                                f"tried to exit the process (SystemExit {exc.code!r})",
+                                file=self.file, path=path) from None
         except (ValueError, TypeError) as exc:
             raise self._err(str(exc), path) from None
         except Exception as exc:

@@ -13,6 +13,8 @@ def format_path(path: Sequence[str | int]) -> str:
             out += f"[{part}]"
         else:
             text = str(part)
+            if len(text) > 60:  # a hostile key must not turn one line into a page
+                text = text[:57] + "..."
             if text and all(c.isalnum() or c in "_-" for c in text):
                 out += ("." if out else "") + text
             else:

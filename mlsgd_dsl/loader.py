@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,12 +32,48 @@ else:  # pragma: no cover
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_EXTENDS = 16
+MAX_KEY_PARTS = 64
 
 
 # --------------------------------------------------------------------------- reading
 
 
+def read_file_text(path: Path, file: str, where: tuple = (), label: str = "") -> str:
+    """UTF-8 text of a regular file of at most MAX_FILE_BYTES (never a device or a FIFO)."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a directory, not a hierarchy file" if stat.S_ISDIR(info.st_mode)
+                    else "not a regular file")
+            raise ConfigError(f"{label}is {kind}", file=file, path=where)
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{label}no such file", file=file, path=where) from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{label}cannot read: {getattr(exc, 'strerror', None) or exc}",
+                          file=file, path=where) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{label}file is {info.st_size} bytes; hierarchy files are capped "
+                          f"at {MAX_FILE_BYTES} bytes", file=file, path=where)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}not UTF-8 text (byte {exc.start})", file=file,
+                          path=where) from None
+
+
+def _check_dotted_keys(text: str, file: str) -> None:
+    """tomllib is quadratic in the parts of a dotted key; refuse absurd ones before parsing."""
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.split("=", 1)[0] if "=" in line else line
+        if key.count(".") > MAX_KEY_PARTS:
+            raise ConfigError(f"line {number}: a key with more than {MAX_KEY_PARTS} dotted "
+                              "parts", file=file)
+
+
 def read_toml(text: str, file: str) -> dict[str, Any]:
+    _check_dotted_keys(text, file)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -76,6 +113,9 @@ def parse_override(item: str | tuple[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"override {item!r} contains a line break; give one key=value per "
                           "--set", file="--set")
     key = key.strip()
+    if key.count(".") > MAX_KEY_PARTS:
+        raise ConfigError(f"override key has more than {MAX_KEY_PARTS} dotted parts",
+                          file="--set")
     if not key:
         raise ConfigError(f"override {item!r} has an empty key", file="--set")
     for candidate in (text_value.strip(), json.dumps(text_value.strip(), ensure_ascii=False)):
@@ -90,7 +130,9 @@ def parse_override(item: str | tuple[str, Any]) -> dict[str, Any]:
     raise ConfigError(f"override {item!r}: {key!r} is not a valid key path", file="--set")
 
 
-def _to_toml_value(value: Any) -> str:
+def _to_toml_value(value: Any, depth: int = 0) -> str:
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"override value nested deeper than {MAX_DEPTH} levels", file="--set")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -100,10 +142,11 @@ def _to_toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_to_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(_to_toml_value(v, depth + 1) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)} = {_to_toml_value(v)}"
-                               for k, v in value.items()) + "}"
+        items = (f"{json.dumps(str(k), ensure_ascii=False)} = {_to_toml_value(v, depth + 1)}"
+                 for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
     raise ConfigError(f"override value {value!r} has an unsupported type", file="--set")
 
 
@@ -326,22 +369,18 @@ def resolve_file_inheritance(data: dict[str, Any], file: str, base_dir: Path | N
     if base_dir is None:
         raise ConfigError("file inheritance needs a file on disk", file=file,
                           path=("extends",))
-    target = (base_dir / parent).resolve()
+    try:
+        target = (base_dir / parent).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot resolve {parent!r}: {exc}", file=file,
+                          path=("extends",)) from None
     if str(target) in chain:
         raise ConfigError("inheritance cycle: " + " -> ".join((*chain, str(target))),
                           file=file, path=("extends",))
     if len(chain) > MAX_EXTENDS:
         raise ConfigError(f"file inheritance deeper than {MAX_EXTENDS} files", file=file,
                           path=("extends",))
-    try:
-        raw = target.read_bytes()
-        if len(raw) > MAX_FILE_BYTES:
-            raise ConfigError("inherited file is too large", file=file, path=("extends",))
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read inherited file {parent!r}: "
-                          f"{getattr(exc, 'strerror', None) or exc}", file=file,
-                          path=("extends",)) from None
+    text = read_file_text(target, file, ("extends",), f"cannot read inherited file {parent!r}: ")
     base = resolve_file_inheritance(read_toml(text, str(target)), str(target), target.parent,
                                     (*chain, str(target)))
     child = {k: v for k, v in data.items() if k != "extends"}
@@ -388,22 +427,7 @@ def load(path: str | Path, overrides: Any = None, *,
     """
     p = Path(path)
     file = str(path)
-    try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ConfigError(f"file is {size} bytes; hierarchy files are capped at "
-                              f"{MAX_FILE_BYTES} bytes", file=file)
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("no such file", file=file) from None
-    except IsADirectoryError:
-        raise ConfigError("is a directory, not a hierarchy file", file=file) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=file) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=file) from None
+    text = read_file_text(p, file)
     return loads(text, file=file, overrides=overrides, registry=registry,
                  base_dir=p.resolve().parent)
 

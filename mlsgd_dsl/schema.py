@@ -329,6 +329,11 @@ def json_schema() -> dict[str, Any]:
     schema.pop("required", None)
     for name in ("LevelSpec", "ModelSpec"):
         schema.get("$defs", {}).get(name, {}).pop("required", None)
+    # `path` also takes one flat path (the validator wraps it); say so to editors.
+    path = schema.get("$defs", {}).get("MLSGDSpec", {}).get("properties", {}).get("path")
+    if path and "anyOf" in path:
+        nested = next(a for a in path["anyOf"] if a.get("type") == "array")
+        path["anyOf"].insert(0, nested["items"])
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "mlsgd-dsl hierarchy file"
     return schema

@@ -629,6 +629,23 @@ PER_FILE = {
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_fashion_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 600 training and 200 test images of the real Fashion-MNIST, as uncompressed
+    IDX files (reading the full gzipped set costs more than training on the subset)."""
+    from mlsgd_dsl.data.idx import FILES, read_idx
+
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    src = FMNIST.parent
+    for stem, (magic, dims) in FILES.items():
+        data = read_idx(src / f"{stem}.gz", magic, dims)[:600 if stem.startswith("train")
+                                                          else 200]
+        header = magic.to_bytes(4, "big") + b"".join(
+            int(d).to_bytes(4, "big") for d in data.shape)
+        (folder / stem).write_bytes(header + data.numpy().tobytes())
+    return folder
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_file_validates(path: Path) -> None:
     assert path.read_text().startswith("#")
@@ -638,9 +655,11 @@ def test_shipped_file_validates(path: Path) -> None:
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-def test_shipped_file_runs_a_short_cycle(path: Path, tmp_path: Path) -> None:
+def test_shipped_file_runs_a_short_cycle(path: Path, tmp_path: Path,
+                                        tiny_fashion_mnist: Path) -> None:
     channels = mlsgd_dsl.load(path).model["channels"]
     overrides = {**TINY, "model.channels": [max(2, c // 4) for c in channels],
+                 "data.options.root": str(tiny_fashion_mnist),
                  **PER_FILE.get(path.stem, {})}
     compiled = mlsgd_dsl.compile(mlsgd_dsl.load(path, overrides=overrides))
     summary = mlsgd_dsl.run(compiled, out_dir=tmp_path, quiet=True, validate=False)

@@ -286,8 +286,10 @@ CASES: dict[str, Case] = {
     "validation-over-cap": q(put("data.validation", 1e300), "data.validation",
                              "less than or equal to 10000000"),
     "too-many-levels": q(put("levels", THIRTY_THREE), "levels", "at most 32"),
-    "image-size-parameter-cap": q(put("data.options.size", 10**6), "levels.fine.model",
-                                  "the cap is 500,000,000"),
+    "image-size-cap": q(put("data.options.size", 10**6), "data.options.size",
+                        "less than or equal to 512"),
+    "parameter-cap": q(put("model.channels", [4096, 4096]), "levels.fine.model",
+                       "the cap is 500,000,000"),
     "channels-parameter-cap-depth": d(put("model.channels", [100_000, 100_000, 100_000]),
                                       "levels.fine.model.channels", "capped at 4096"),
     "layers-over-cap": pytest.param(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from ..api import CorrectionStrategy
 from ..hookspecs import hookimpl
-from ..runner.delayed import DelayedOptions, create_delayed
 from ..runner.corrections import (
     DeterministicOptions,
     NoneOptions,
@@ -29,6 +28,7 @@ from ..runner.corrections import (
     create_none,
     create_stochastic,
 )
+from ..runner.delayed import DelayedOptions, create_delayed
 
 MLSGD_DSL_API = ">=1.0"
 

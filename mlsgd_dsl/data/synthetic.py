@@ -32,12 +32,12 @@ class SyntheticOptions(BaseModel):
 
     seed: int = Field(0, ge=0, description="Seed of the data set itself (independent of the run "
                                            "seed): the same seed gives the same images.")
-    train: int = Field(6000, ge=1, description="Number of training images.")
-    test: int = Field(1000, ge=1, description="Number of test images.")
+    train: int = Field(6000, ge=1, le=1_000_000, description="Number of training images.")
+    test: int = Field(1000, ge=1, le=1_000_000, description="Number of test images.")
     classes: int = Field(10, ge=2, le=100, description="Number of classes (2..100).")
     channels: int = Field(1, ge=1, le=16, description="Image channels (random colour per "
                                                       "image when more than one).")
-    size: int = Field(16, ge=8, description="Image height and width in pixels.")
+    size: int = Field(16, ge=8, le=512, description="Image height and width in pixels.")
     noise: float = Field(0.1, ge=0.0, le=1.0, description="Standard deviation of the pixel "
                                                           "noise (images are in [0, 1]).")
 

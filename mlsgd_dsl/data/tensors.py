@@ -140,7 +140,8 @@ def load(options: TensorsOptions, ctx: DataContext) -> RawData:
 def shape(options: TensorsOptions) -> tuple[int, int, int, int]:
     # Reads the labels (small) but, for .npz, not the images.
     path = _file(options)
-    c, h, w = to_nchw(torch.empty(image_shape(path), dtype=torch.uint8),
+    # A meta tensor has the shape and no storage: a header claiming 10**9 images costs nothing.
+    c, h, w = to_nchw(torch.empty(image_shape(path), dtype=torch.uint8, device="meta"),
                       f"{path}: train_x").shape[1:]
     labels = read_arrays(path, ("train_y", "test_y"))
     return int(c), int(h), int(w), _num_classes(options, labels, path)

@@ -90,10 +90,15 @@ def _forget_stale(module_name: str, search_path: list[str]) -> None:
 
 def _resolve(factory: str, search_path: list[str] | None = None) -> Callable[..., Any]:
     module_name, _, attr_path = factory.partition(":")
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top == "builtins":
+        # A file must not be able to call os:system or shutil:rmtree through this family.
+        raise ConfigError(f"{factory!r} names the Python standard library; the factory must "
+                          "be your own model-building function", path=_PATH)
     _forget_stale(module_name, list(search_path or []))
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # a user module may fail in any way while importing
+    except (Exception, SystemExit) as exc:  # a user module may fail in any way importing
         raise ConfigError(f"cannot import {module_name!r}: {_describe(exc)}", path=_PATH) from exc
     for attr in attr_path.split("."):
         try:
@@ -143,7 +148,7 @@ def build(options: ImportOptions | dict[str, Any], context: ModelContext) -> nn.
         kwargs = {**_context_kwargs(fn, options.kwargs, context), **options.kwargs}
         try:
             model = fn(**kwargs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ConfigError(
                 f"{options.factory!r} raised {type(exc).__name__}: {exc}", path=_PATH) from exc
     if not isinstance(model, nn.Module):

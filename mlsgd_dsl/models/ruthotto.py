@@ -217,6 +217,7 @@ def smoothness_penalty(model: nn.Module, coefficient: float = 1.0) -> Tensor:
 # Caps keep a mistyped file from building (or tracing) an absurd network; far above the thesis.
 MAX_CHANNELS = 4096
 MAX_LAYERS = 256
+MAX_TOTAL_LAYERS = 512
 
 
 class RuthottoOptions(BaseModel):
@@ -275,6 +276,9 @@ class RuthottoOptions(BaseModel):
             raise ValueError(
                 f"layers has {len(self.layers)} entries but channels has "
                 f"{len(self.channels)}; give one count per block or a single integer")
+        if sum(self.layer_counts()) > MAX_TOTAL_LAYERS:
+            raise ValueError(f"{sum(self.layer_counts())} residual layers in all; the cap is "
+                             f"{MAX_TOTAL_LAYERS}")
         if self.kernel_basis and self.kernel_size != 3:
             raise ValueError(
                 f"kernel_basis applies to 3x3 kernels only, got kernel_size {self.kernel_size}")

@@ -261,6 +261,12 @@ class Trainer:
                 l2=obj.l2, smoothness=obj.smoothness, device=self.device,
                 augment=Augment(flip=aug.flip, crop=aug.crop, fill=fill))
             self.levels[name].train_model = distributed.wrap(model, self.device)
+        small = [n for n, lv in self.levels.items()
+                 if min(lv.batch_size, len(lv.data.train_x)) < self.world]
+        if small:  # a rank without images in a batch has no loss to differentiate
+            raise ConfigError(f"the batches of level(s) {', '.join(small)} are smaller than "
+                              f"the {self.world} processes that share them",
+                              path=("mlsgd", "batch_size"))
         fin = self.levels[self.finest]
         if self.sgd:
             total = spec.sgd_epochs if spec.sgd_epochs is not None else \
