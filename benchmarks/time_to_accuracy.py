@@ -68,7 +68,7 @@ SMOKE = {
     "mlsgd.batch_size": 50,
     "mlsgd.bn_recalibration": 100,
 }
-SMOKE_THRESHOLDS = [0.1, 0.15, 0.2]
+SMOKE_THRESHOLDS = [0.02, 0.05, 0.1]
 SMOKE_CHANNELS = {"depth": [4, 4, 4], "resolution": [4, 4]}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -326,9 +326,9 @@ def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]
         epochs = args.budget_epochs or PRESETS[args.preset]["budget_epochs"]
         setup.budget = float(epochs) * cal["finest_epoch"]
         cal["budget_from"] = f"{epochs:g} finest epochs x {cal['finest_epoch']:.1f} s"
-    if args.smoke and args.budget is None:
-        setup.budget = 0.3
-        cal["budget_from"] = "smoke"
+    if args.smoke and args.budget is None:  # one MLSGD cycle, so that every code path runs
+        setup.budget = 1.1 * max(cal.get("mlsgd_cycle") or 0.0, cal.get("sgd_visit") or 0.0)
+        cal["budget_from"] = "smoke: 1.1 x the calibrated cycle"
     cal["budget"] = setup.budget
     horizons = {}
     for name in contenders:

@@ -411,7 +411,7 @@ def test_delayed_angle_is_the_prolongated_coarse_step(tmp_path: Path) -> None:
         with torch.no_grad():
             for p, w in zip([p for p in snap.parameters() if p.requires_grad], w0):
                 p.copy_(w)
-        g = t.gradient("fine", model=snap)
+        g = [x.detach() for x in t.gradient("fine", model=snap)]
         cos = -sum(float((a * b).sum()) for a, b in zip(g, step)) / (
             math.sqrt(sum(float((a * a).sum()) for a in g))
             * math.sqrt(sum(float((b * b).sum()) for b in step)))

@@ -52,6 +52,11 @@ def requested_world_size() -> int:
         return 1
 
 
+def initialized() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
 def active() -> bool:
     """True inside an initialised process group of more than one process."""
     dist = _dist()
@@ -117,7 +122,7 @@ def setup(device: torch.device) -> bool:
 
 
 def teardown(created: bool) -> None:
-    if created and _dist().is_initialized():
+    if created and initialized():
         _dist().destroy_process_group()
 
 

@@ -7,7 +7,8 @@ autograd gives the gradient of ``F_l`` on the batch, the correction (a constant 
 with variance reduction the gradient of a frozen copy of the model at ``w_{l,0}`` on the same
 batch) and the step-size regularisation ``λ h_l (w − w_{l,0})`` are added to ``.grad`` before the
 optimiser step — no extra autograd work, no per-step state-dict copies, and the loss and accuracy
-are accumulated as tensors and read once per epoch.
+are accumulated as tensors and read once per epoch. Under torchrun each rank steps on its slice
+of every global batch through ``level.train_model`` (DDP); see :mod:`.distributed`.
 
 Safeguards:
 

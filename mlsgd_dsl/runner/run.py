@@ -5,6 +5,17 @@
 level, plus event rows), ``checkpoint.pt`` after every cycle, ``summary.json``/``summary.md``
 and ``accuracy.png``.
 
+Crash safety: checkpoints are written atomically after every cycle (the one before is kept as
+``checkpoint.prev.pt``, used with a message when the newer one cannot be loaded); metrics are
+appended and cut back to the checkpoint's row count on ``--resume``; the checkpoint holds the
+configuration hash (a changed hierarchy is refused unless ``force``), the seeds and all RNG
+states, so a resumed run repeats the uninterrupted one. Event hooks run one implementation at a
+time; one that raises ends the run with :class:`~mlsgd_dsl.errors.PluginFailure`.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every level trains with DistributedDataParallel on
+slices of the same global batches; rank 0 writes the run folder and calls the event hooks
+(:mod:`mlsgd_dsl.runner.distributed`, ``docs/scaling.md``).
+
 One cycle (see :mod:`mlsgd_dsl.runner.cycle` for V/W/F): the finest iterate ``w_{L,k,0}`` is
 restricted level by level to the coarsest (no training on the way down, thesis Fig. 3.2); at
 each descent the coarse level's objective ``H_l`` is set up by the correction strategy
@@ -918,6 +929,10 @@ def run(compiled: Any, *, out_dir: Path | str | None = None, resume: Path | str 
     or lost). A changed configuration is refused (:class:`~mlsgd_dsl.errors.RunError`) unless
     ``force``. ``device``: "auto" | "cpu" | "cuda" (default: ``mlsgd.device``).
     """
-    trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device, quiet=quiet,
-                      validate=validate, force=force)
-    return trainer.fit()
+    owned = not distributed.initialized()
+    try:
+        trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device,
+                          quiet=quiet, validate=validate, force=force)
+        return trainer.fit()
+    finally:  # also when the trainer could not be built (a refused resume, a bad file)
+        distributed.teardown(owned)
