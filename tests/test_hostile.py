@@ -21,8 +21,9 @@ Core bugs already known (see ``KNOWN_BUGS``) are tolerated inside the property t
 the rest of each property keeps being checked: a crash whose traceback matches a known bug's
 signature is counted (``hypothesis.event``), not failed, and inputs that would hang or exhaust
 memory because of a known bug are not run there (each has an xfail named case instead).
-``HOSTILE_STRICT=0`` turns the tolerance on (it is off by default). ``HOSTILE_EXAMPLES_SCALE=10`` runs ten times
-more examples; ``HOSTILE_TIME_LIMIT`` sets the per-call limit in seconds (default 5).
+``HOSTILE_STRICT=0`` turns the tolerance on (it is off by default).
+``HOSTILE_EXAMPLES_SCALE=10`` runs ten times more examples; ``HOSTILE_TIME_LIMIT`` sets the
+per-call limit in seconds (default 5).
 """
 
 from __future__ import annotations
