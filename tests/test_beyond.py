@@ -282,10 +282,12 @@ def test_beyond_optimizer_files_resolve(tmp_path: Path) -> None:
 # =========================================================================== 2. delayed
 
 
-def _delayed(tmp_path: Path, options: dict, cycles: int = 3, **kw) -> Trainer:
+def _delayed(tmp_path: Path, options: dict, cycles: int = 3, extra: dict | None = None,
+             **kw) -> Trainer:
     corr = {"strategy": "delayed", "inner": "deterministic", **options}
     return trainer(tmp_path, {"mlsgd.correction": corr, "mlsgd.cycles": cycles,
-                              "mlsgd.epochs": 0.5, "mlsgd.batch_size": 24, **FAST}, **kw)
+                              "mlsgd.epochs": 0.5, "mlsgd.batch_size": 24, **FAST,
+                              **(extra or {})}, **kw)
 
 
 def _corrected_cycles(t: Trainer) -> list[int]:
@@ -328,8 +330,8 @@ def test_delayed_after_cycle(tmp_path: Path) -> None:
 
 
 def test_uncorrected_cycles_still_come_first(tmp_path: Path) -> None:
-    t = _delayed(tmp_path, {"after_cycle": 0}, cycles=3)
-    t.spec.uncorrected_cycles = 1
+    t = _delayed(tmp_path, {"after_cycle": 0}, cycles=3,
+                 extra={"mlsgd.uncorrected_cycles": 1})
     corrected = _corrected_cycles(t)
     t.fit()
     assert corrected == [1, 2] and t.strategy.switched_at == 1
