@@ -193,7 +193,8 @@ class DivergenceSpec(Strict):
     factor: float = Field(3.0, gt=1, description="A level's epoch whose loss exceeds factor x "
                           "its starting loss (or is NaN/Inf) counts as diverged.")
     action: Literal["reject", "stop"] = Field(
-        "reject", description="reject: discard the level's step and go on; stop: end the run.")
+        "reject", description="reject: discard the level's step and go on; stop: end the run. "
+        "A NaN/Inf loss on the finest level always stops the run (last checkpoint kept).")
 
 
 class EvalSpec(Strict):
