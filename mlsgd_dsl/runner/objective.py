@@ -54,6 +54,7 @@ class Objective:
             return ce + self.smoothness * (model or self.model).smoothness(), ce
         return ce, ce
 
+    @torch.no_grad()  # a gradient update, not part of any graph
     def add_l2_gradient(self, grads: Sequence[Tensor], params: Sequence[Tensor] | None = None,
                         *, scale: float = 1.0) -> None:
         """``grads += scale · 2·l2·W`` on the non-bias weights (in place)."""
