@@ -74,8 +74,11 @@ SMOKE_CHANNELS = {"depth": [4, 4, 4], "resolution": [4, 4]}
 PRESETS: dict[str, dict[str, Any]] = {
     # data: file key; scale: apply SCALING; budget: seconds (or None: budget_epochs x the
     # calibrated finest epoch); thresholds: validation-accuracy ladder
+    # (the scaled networks reach ~80-82 % validation accuracy within the ~6 finest epochs
+    # that fit in 100 s; 85 % takes ~30 epochs)
     "fmnist-small": {"data": "fmnist", "scale": True, "budget": 100.0, "budget_epochs": None,
-                     "thresholds": [0.80, 0.84, 0.86, 0.88]},
+                     "thresholds": {"depth": [0.70, 0.75, 0.78, 0.80],
+                                    "resolution": [0.70, 0.75, 0.78, 0.80]}},
     "fmnist": {"data": "fmnist", "scale": False, "budget": None, "budget_epochs": 30.0,
                "thresholds": [0.85, 0.88, 0.90]},
     "cifar10": {"data": "cifar10", "scale": False, "budget": None, "budget_epochs": 100.0,
@@ -172,8 +175,10 @@ class Setup:
         self.finest = c.finest
         self.levels = list(c.levels)
         self.file_thresholds = list(h.report.thresholds)
-        self.thresholds = args.thresholds or (SMOKE_THRESHOLDS if args.smoke
-                                              else preset["thresholds"])
+        ladder = preset["thresholds"]
+        if isinstance(ladder, dict):
+            ladder = ladder[hierarchy]
+        self.thresholds = args.thresholds or (SMOKE_THRESHOLDS if args.smoke else ladder)
         self.base["report.thresholds"] = self.thresholds
         self.epochs = {n: h.for_level(h.mlsgd.epochs, n) for n in self.levels}
         self.h = {n: c.h(n) for n in self.levels}
