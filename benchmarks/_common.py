@@ -283,7 +283,8 @@ def write_section(path: Path | None, key: str, title: str, body: str) -> None:
                     text = HEADER
                 i, j = text.find(begin), text.find(end)
                 if i >= 0 and j > i:
-                    text = text[:i] + block + text[j + len(end):].lstrip("\n")
+                    rest = text[j + len(end):].lstrip("\n")
+                    text = text[:i] + block + ("\n" + rest if rest else "")
                 else:
                     text = text.rstrip("\n") + "\n\n" + block
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

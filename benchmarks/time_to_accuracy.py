@@ -189,7 +189,7 @@ class Setup:
     def overrides(self, name: str, seed: int, horizon: int | None) -> dict[str, Any]:
         spec = CONTENDERS[name]
         o = {**self.base, **spec["overrides"], "mlsgd.lr": self.lr(name), "mlsgd.seed": seed,
-             "mlsgd.time_budget": self.budget, "mlsgd.correction": "none"}
+             "mlsgd.time_budget": self.budget * self.args.slack, "mlsgd.correction": "none"}
         if spec["kind"] == "sgd":
             o["mlsgd.init"] = "independent"
             if self.args.sgd_runner == "method":
@@ -474,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-cycle-epochs", type=float, default=4.0,
                    help="MLSGD calibration: a cycle longer than this many level-epochs runs "
                         "with its epochs scaled down to it")
+    p.add_argument("--slack", type=float, default=1.0,
+                   help="trials on a busy machine: the time budget is this factor times the "
+                        "budget the horizons are sized for (> 1: every contender completes "
+                        "its planned work; compare final accuracies, not times)")
     p.add_argument("--download", action="store_true",
                    help="--preset cifar10: let the data source download CIFAR-10")
     args = p.parse_args(argv)
