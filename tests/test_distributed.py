@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 QUICKSTART = ROOT / "hierarchies" / "quickstart.toml"
 SHRINK = {"data.options.train": 400, "data.options.test": 100, "data.validation": 100,
-          "mlsgd.cycles": 1, "mlsgd.lr": 0.01, "mlsgd.threads": 1, "report.plot": False}
+          "mlsgd.cycles": 1, "mlsgd.lr": 0.01, "mlsgd.optimizer.momentum": 0.0,
+          "mlsgd.threads": 1, "report.plot": False}
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

@@ -689,7 +689,7 @@ CASES = [
          path="levels.mid.model.layers"),
     Case("layers-is-a-string", qs("model = { layers = 2 }", 'model = { layers = "two" }'),
          path="levels.mid.model.layers"),
-    Case("nan-learning-rate", qs("lr = 0.05", "lr = nan"), path="mlsgd.lr"),
+    Case("nan-learning-rate", qs("lr = 0.01", "lr = nan"), path="mlsgd.lr"),
     Case("inf-h", qs("h = 1.0", "h = inf"), path="levels.fine.h"),
     Case("negative-h", qs("h = 2.0", "h = -2.0"), path="levels.mid.h"),
     Case("seed-10e100", qs("correction = \"none\"", 'correction = "none"\nseed = 1' + "0" * 100),

@@ -153,7 +153,7 @@ def test_resume_refuses_a_changed_hierarchy_unless_forced(run_cli, hierarchy: Pa
     work = tmp_path / "run"
     shutil.copytree(run_dir, work)
     changed = tmp_path / "changed.toml"
-    changed.write_text(hierarchy.read_text().replace("lr = 0.05", "lr = 0.04"))
+    changed.write_text(hierarchy.read_text().replace("lr = 0.01", "lr = 0.02"))
     before = (work / "checkpoint.pt").read_bytes()
 
     rc, out, err = run_cli(["run", changed, "--resume", work, *SHRINK])
