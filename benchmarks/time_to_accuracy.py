@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # that fit in 100 s on 2 idle cores; constant-step SGD ~74 %)
     "fmnist-small": {"data": "fmnist", "scale": True, "budget": 100.0, "budget_epochs": None,
                      "thresholds": {"depth": [0.70, 0.75, 0.80, 0.82, 0.84],
-                                    "resolution": [0.70, 0.75, 0.80, 0.82, 0.84]}},
+                                    "resolution": [0.70, 0.75, 0.80, 0.84, 0.86]}},
     "fmnist": {"data": "fmnist", "scale": False, "budget": None, "budget_epochs": 30.0,
                "thresholds": [0.85, 0.88, 0.90]},
     "cifar10": {"data": "cifar10", "scale": False, "budget": None, "budget_epochs": 100.0,
