@@ -813,7 +813,7 @@ CASES = [
     Case("params-under-cap-validate", qs("channels = [8, 16]", "channels = [1000]"),
          rc=(0, 1, 2)),
     Case("dense-dag-32-levels", dag(32), rc=(0, 1, 2)),
-    Case("betas-nan", qs('correction = "none"', 'correction = "none"\n'
+    Case("betas-nan", qs("optimizer = { momentum = 0.9 }",
                          "optimizer = { betas = [nan, 2.0] }"), path="mlsgd.optimizer.betas"),
     Case("l2-inf", qs('correction = "none"', 'correction = "none"\nobjective = { l2 = inf }'),
          path="mlsgd.objective.l2"),

@@ -215,7 +215,7 @@ def test_per_level_tables_and_scalars() -> None:
     assert h.for_level(h.mlsgd.epochs, "fine") == 3
     assert h.for_level(h.mlsgd.epochs, "coarse") == 7
     assert h.for_level(h.mlsgd.lr, "mid") == 0.05  # a scalar applies to every level
-    h = mlsgd_dsl.load(QUICKSTART, overrides=[
+    h = mlsgd_dsl.load(DEPTH, overrides=[
         'mlsgd.optimizer={ fine = { name = "adam" }, mid = {}, coarse = { momentum = 0.9 } }',
         "mlsgd.batch_size={ fine = 10, mid = 20, coarse = 40 }"])
     assert h.for_level(h.mlsgd.optimizer, "fine").name == "adam"
