@@ -1,7 +1,8 @@
 """Transfer cost: one restriction + prolongation of all parameters against one finest epoch.
 
-For every shipped hierarchy (``hierarchies/*.toml``, ``hierarchies/fashion-mnist/*.toml`` and,
-when the ``mlsgd-width`` plugin is installed, its ``width-synthetic.toml``), one *round* is
+For every shipped hierarchy (``hierarchies/**/*.toml`` — the thesis' files, the Fashion-MNIST
+twins, ``beyond/`` — and, when the ``mlsgd-width`` plugin is installed, its
+``width-synthetic.toml``), one *round* is
 what a cycle of the runner does with the operators: along every path of the hierarchy, the
 finest state dict (parameters and BatchNorm buffers) restricted edge by edge down to the
 coarsest level and copied into each coarse model, then a step of every coarse level's
@@ -42,9 +43,9 @@ def shipped(smoke: bool) -> list[str]:
     if smoke:
         files = ["hierarchies/quickstart.toml", "hierarchies/resolution-fashion-mnist.toml"]
     else:
-        files = sorted(str(p.relative_to(C.ROOT)) for p in (C.ROOT / "hierarchies").glob(
-            "*.toml")) + sorted(str(p.relative_to(C.ROOT)) for p in
-                                (C.ROOT / "hierarchies" / "fashion-mnist").glob("*.toml"))
+        files = sorted((str(p.relative_to(C.ROOT)) for p in
+                        (C.ROOT / "hierarchies").rglob("*.toml")),
+                       key=lambda f: (f.count("/"), f))
     if importlib.util.find_spec("mlsgd_width") is not None and (C.ROOT / WIDTH).is_file():
         files.append(WIDTH)
     return files
@@ -175,10 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine(args.device)
     started = time.time()
 
+    from mlsgd_dsl.errors import UserError
+
     groups: dict[str, dict[str, Any]] = {}
+    failed: list[list[str]] = []
     for file in shipped(args.smoke):
-        h = mlsgd_dsl.load(str(C.ROOT / file),
-                           overrides=SMOKE_OVERRIDES.get(file) if args.smoke else None)
+        try:
+            h = mlsgd_dsl.load(str(C.ROOT / file),
+                               overrides=SMOKE_OVERRIDES.get(file) if args.smoke else None)
+        except UserError as exc:  # e.g. a plugin that is not installed
+            failed.append([f"`{file}`", str(exc).splitlines()[0]])
+            continue
         sig = signature(h)
         if sig in groups:
             groups[sig]["files"].append(file)
@@ -217,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     })
     body += "\n" + C.table(["hierarchy file(s)", "parameters (finest → coarsest)", "edges",
                             "round ms", "finest epoch s", "round / epoch %", "< 1 %"], rows)
+    if failed:
+        body += "\nNot measured (the file does not load here):\n\n" + C.table(
+            ["file", "error"], failed)
     body += "\n<details><summary>Raw</summary>\n\n" + "\n".join(
         f"- {r['files'][0]}: epoch {r['epoch']:.2f} s from {r['timed_batches']} of "
         f"{r['batches_per_epoch']} batches of {r['batch']} ({r['images']} images); rounds "

@@ -344,7 +344,8 @@ class Trainer:
         chain all start from ``P…P w_0`` of the coarsest; ``independent`` — each level's own
         initialisation."""
         c = self.c
-        if self.spec.init == "independent":
+        if self.spec.init == "independent" or self.sgd:
+            # The SGD baseline is a plain network: its own initialisation, not P…P w_0.
             return {name: c.model(name) for name in used}
         models: dict[str, nn.Module] = {}
         graph = c.graph
