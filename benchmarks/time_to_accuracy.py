@@ -43,6 +43,8 @@ FILES = {
     ("resolution", "fmnist"): "hierarchies/resolution-fashion-mnist.toml",
     ("depth", "cifar10"): "hierarchies/depth-cifar10.toml",
     ("resolution", "cifar10"): "hierarchies/resolution-cifar10.toml",
+    # issue 9: the depth x resolution graph (fine, shallow, lowres, both)
+    ("graph", "fmnist"): "hierarchies/beyond/fmnist-depth-resolution.toml",
 }
 
 # Scaling of the Fashion-MNIST twins so that one comparison (3 contenders x 3 seeds) takes
@@ -60,6 +62,11 @@ SCALING = {
         "data.validation": 5_000,
         "mlsgd.epochs": {"fine": 1.0, "coarse": 0.5},                # file: 7 / 3
     },
+    "graph": {                                  # channels as in the file (16/32, 2 stages)
+        "data.subset": 10_000,
+        "data.validation": 5_000,
+        "mlsgd.epochs": {"fine": 0.5, "shallow": 0.75, "lowres": 0.75, "both": 1.0},  # 3/5/5/7
+    },
 }
 SMOKE = {
     "data.source": "synthetic",
@@ -69,7 +76,7 @@ SMOKE = {
     "mlsgd.bn_recalibration": 100,
 }
 SMOKE_THRESHOLDS = [0.02, 0.05, 0.1]
-SMOKE_CHANNELS = {"depth": [4, 4, 4], "resolution": [4, 4]}
+SMOKE_CHANNELS = {"depth": [4, 4, 4], "resolution": [4, 4], "graph": [4, 4]}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # data: file key; scale: apply SCALING; budget: seconds (or None: budget_epochs x the
@@ -78,7 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~75 %; resolution ~12 finest epochs, ~87 % and ~83 %)
     "fmnist-small": {"data": "fmnist", "scale": True, "budget": 100.0, "budget_epochs": None,
                      "thresholds": {"depth": [0.70, 0.75, 0.80, 0.82, 0.84],
-                                    "resolution": [0.75, 0.80, 0.84, 0.86, 0.88]}},
+                                    "resolution": [0.75, 0.80, 0.84, 0.86, 0.88],
+                                    "graph": [0.75, 0.80, 0.84, 0.86, 0.88]}},
     "fmnist": {"data": "fmnist", "scale": False, "budget": None, "budget_epochs": 30.0,
                "thresholds": [0.85, 0.88, 0.90]},
     "cifar10": {"data": "cifar10", "scale": False, "budget": None, "budget_epochs": 100.0,
@@ -147,8 +155,61 @@ CONTENDERS: dict[str, dict[str, Any]] = {
     "mlsgd-indep": {"kind": "mlsgd", "scheduled": True, "lr": "sqrth",
                     "describe": "mlsgd-best with independent initialisation",
                     "overrides": {**BEST, "mlsgd.init": "independent"}},
+    # issue 9 (beyond the thesis), each against mlsgd-thesis (--reference mlsgd-thesis): the
+    # settings of the shipped hierarchies/beyond/ files, constant steps as there
+    "mlsgd-momentum": {"kind": "mlsgd", "scheduled": False, "lr": 0.01,
+                       "describe": "beyond/fmnist-depth-momentum.toml: momentum 0.9 on every "
+                                   "level, step 0.01 constant, momentum moved with R / P",
+                       "overrides": {"mlsgd.optimizer": {"name": "sgd", "momentum": 0.9},
+                                     "mlsgd.schedule": {"kind": "constant"},
+                                     "mlsgd.optimizer_state": "transfer"}},
+    "mlsgd-adam": {"kind": "mlsgd", "scheduled": False, "lr": 0.001,
+                   "describe": "beyond/fmnist-depth-adam.toml: Adam (0.9, 0.999) on every "
+                               "level, step 1e-3 constant, state kept per level",
+                   "overrides": {"mlsgd.optimizer": {"name": "adam", "betas": [0.9, 0.999]},
+                                 "mlsgd.schedule": {"kind": "constant"},
+                                 "mlsgd.optimizer_state": "keep"}},
+    "mlsgd-stochastic": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
+                         "describe": "the thesis' corrected method: mlsgd-thesis with the "
+                                     "stochastic correction (3.125 %, no VR) in every cycle",
+                         "overrides": {**CONSTANT, "mlsgd.correction": {
+                             "strategy": "stochastic", "fraction": 0.03125,
+                             "variance_reduction": False}}},
+    "mlsgd-delayed": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
+                      "describe": "beyond/fmnist-depth-delayed.toml: mlsgd-thesis, then the "
+                                  "stochastic correction from half the cycles that fit in the "
+                                  "budget or once ||P* grad F_L|| < 0.3",
+                      "overrides": {**CONSTANT, "mlsgd.correction": {
+                          "strategy": "delayed", "inner": "stochastic", "fraction": 0.03125,
+                          "variance_reduction": False, "after_cycle": "half",
+                          "gradient_norm_below": 0.3}}},
+    # the graph hierarchy (--hierarchy graph): the thesis' chains inside it and the graph's
+    # paths, all with the thesis' plain constant-step SGD
+    "mlsgd-depth2": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
+                     "describe": "thesis 4.2 (depth only): path shallow -> fine",
+                     "overrides": {**CONSTANT, "mlsgd.path": ["shallow", "fine"]}},
+    "mlsgd-res2": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
+                   "describe": "thesis 4.3 (resolution only): path lowres -> fine",
+                   "overrides": {**CONSTANT, "mlsgd.path": ["lowres", "fine"]}},
+    "mlsgd-graph": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
+                    "describe": "beyond/fmnist-depth-resolution.toml: path both -> shallow -> "
+                                "fine (both coarsenings)",
+                    "overrides": {**CONSTANT, "mlsgd.path": ["both", "shallow", "fine"]}},
+    "mlsgd-alternate": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
+                        "describe": "beyond/fmnist-depth-resolution-alternate.toml: cycles "
+                                    "alternate both -> shallow -> fine / both -> lowres -> fine",
+                        "overrides": {**CONSTANT, "mlsgd.path": [
+                            ["both", "shallow", "fine"], ["both", "lowres", "fine"]]}},
 }
 DEFAULT_CONTENDERS = ["sgd-const", "sgd-tuned", "mlsgd-best"]
+# --beyond (issue 9): each feature against the thesis' method, same budget; (hierarchy,
+# contenders, reference)
+BEYOND = [
+    ("depth", ["mlsgd-thesis", "mlsgd-momentum", "mlsgd-adam", "mlsgd-stochastic",
+               "mlsgd-delayed"], "mlsgd-thesis"),
+    ("graph", ["mlsgd-depth2", "mlsgd-res2", "mlsgd-graph", "mlsgd-alternate"],
+     "mlsgd-depth2"),
+]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -193,8 +254,13 @@ class Setup:
 
     def overrides(self, name: str, seed: int, horizon: int | None) -> dict[str, Any]:
         spec = CONTENDERS[name]
-        o = {**self.base, **spec["overrides"], "mlsgd.lr": self.lr(name), "mlsgd.seed": seed,
-             "mlsgd.time_budget": self.budget * self.args.slack, "mlsgd.correction": "none"}
+        o = {**self.base, "mlsgd.correction": "none", **spec["overrides"],
+             "mlsgd.lr": self.lr(name), "mlsgd.seed": seed,
+             "mlsgd.time_budget": self.budget * self.args.slack}
+        corr = o["mlsgd.correction"]
+        if isinstance(corr, dict) and corr.get("after_cycle") == "half":
+            # delayed: switch at half of the cycles that fit in the budget (at the latest)
+            o["mlsgd.correction"] = {**corr, "after_cycle": max(1, round(0.5 * self.fit))}
         if spec["kind"] == "sgd":
             o["mlsgd.init"] = "independent"
             if self.args.sgd_runner == "method":
@@ -218,6 +284,7 @@ class Setup:
         return float(rule)
 
     budget: float = 0.0
+    fit: float = 1.0  # MLSGD cycles of the first MLSGD contender that fit in the budget
 
 
 def load_compiled(setup: Setup, overrides: dict[str, Any]) -> Any:
@@ -256,6 +323,8 @@ def run_one(setup: Setup, name: str, seed: int, horizon: int, out: Path) -> dict
                      default=None),
         rejected=sum(1 for r in rows if str(r.get("event") or "").startswith(
             ("diverged", "rejected"))),
+        switched=next((f"cycle {r['cycle']}: {r['event']}" for r in rows
+                       if str(r.get("event") or "").startswith("switched")), None),
     )
     return record
 
@@ -351,6 +420,8 @@ def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]
         horizons[name] = max(1, round(fit)) if spec["scheduled"] else max(10, math.ceil(
             3 * fit) + 10)
     cal["horizons"] = horizons
+    if cal.get("mlsgd_cycle"):
+        setup.fit = setup.budget / cal["mlsgd_cycle"]
     return cal
 
 
@@ -359,7 +430,7 @@ def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]
 
 def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str],
               cal: dict[str, Any], info: dict[str, Any], started: float,
-              seeds: list[int]) -> str:
+              seeds: list[int], reference: str | None = None) -> str:
     th = [f"{t:g}" for t in setup.thresholds]
     by = {n: [r for r in records if r["contender"] == n] for n in contenders}
     unit = {n: ("visit" if CONTENDERS[n]["kind"] == "sgd" else "cycle") for n in contenders}
@@ -401,34 +472,41 @@ def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str]
     body += C.table(["contender", *(f"t to {100 * float(t):g}%" for t in th), "final val %",
                      "final test %", "train time", "finest epochs"], rows)
 
-    body += "\n**Ratios** t(MLSGD) / t(SGD) to each threshold, paired by seed (median " \
-            "(min–max) of the per-seed ratios; < 1: MLSGD faster); final accuracy differences " \
-            "in points (MLSGD − SGD)\n\n"
+    if reference:
+        pairs = [(n, reference) for n in contenders if n != reference]
+        body += f"\n**Ratios** t(contender) / t({reference}) to each threshold, paired by " \
+                "seed (median (min–max) of the per-seed ratios; < 1: faster than the " \
+                "reference); final accuracy differences in points (contender − reference)\n\n"
+    else:
+        pairs = [(m, s) for m in contenders if CONTENDERS[m]["kind"] == "mlsgd"
+                 for s in contenders if CONTENDERS[s]["kind"] == "sgd"]
+        body += "\n**Ratios** t(MLSGD) / t(SGD) to each threshold, paired by seed (median " \
+                "(min–max) of the per-seed ratios; < 1: MLSGD faster); final accuracy " \
+                "differences in points (MLSGD − SGD)\n\n"
     rows = []
     headline = []
-    for m in (n for n in contenders if CONTENDERS[n]["kind"] == "mlsgd"):
-        for s in (n for n in contenders if CONTENDERS[n]["kind"] == "sgd"):
-            cells = []
-            for t in th:
-                ratios = []
-                for seed in seeds:
-                    a = next((r for r in by[m] if r["seed"] == seed), None)
-                    b = next((r for r in by[s] if r["seed"] == seed), None)
-                    ta = a["time_to"].get(t) if a else None
-                    tb = b["time_to"].get(t) if b else None
-                    ratios.append(ta / tb if ta is not None and tb else None)
-                cells.append(C.spread(ratios, "{:.2f}"))
-                full = C.clean(ratios)
-                if len(full) == len(seeds):
-                    headline.append((m, s, t, C.median(full)))
-            dv = [100 * (a.get("val", math.nan) - b.get("val", math.nan))
-                  for a in by[m] for b in by[s] if a["seed"] == b["seed"]
-                  and a.get("val") is not None and b.get("val") is not None]
-            dt = [100 * (a.get("test", math.nan) - b.get("test", math.nan))
-                  for a in by[m] for b in by[s] if a["seed"] == b["seed"]
-                  and a.get("test") is not None and b.get("test") is not None]
-            rows.append([f"{m} / {s}", *cells, C.spread(dv, "{:+.2f}"),
-                         C.spread(dt, "{:+.2f}")])
+    for m, s in pairs:
+        cells = []
+        for t in th:
+            ratios = []
+            for seed in seeds:
+                a = next((r for r in by[m] if r["seed"] == seed), None)
+                b = next((r for r in by[s] if r["seed"] == seed), None)
+                ta = a["time_to"].get(t) if a else None
+                tb = b["time_to"].get(t) if b else None
+                ratios.append(ta / tb if ta is not None and tb else None)
+            cells.append(C.spread(ratios, "{:.2f}"))
+            full = C.clean(ratios)
+            if len(full) == len(seeds):
+                headline.append((m, s, t, C.median(full)))
+        dv = [100 * (a.get("val", math.nan) - b.get("val", math.nan))
+              for a in by[m] for b in by[s] if a["seed"] == b["seed"]
+              and a.get("val") is not None and b.get("val") is not None]
+        dt = [100 * (a.get("test", math.nan) - b.get("test", math.nan))
+              for a in by[m] for b in by[s] if a["seed"] == b["seed"]
+              and a.get("test") is not None and b.get("test") is not None]
+        rows.append([f"{m} / {s}", *cells, C.spread(dv, "{:+.2f}"),
+                     C.spread(dt, "{:+.2f}")])
     body += C.table(["pair", *(f"ratio to {100 * float(t):g}%" for t in th), "Δ val",
                      "Δ test"], rows)
     if headline:
@@ -441,13 +519,14 @@ def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str]
     body += "\n<details><summary>Raw runs</summary>\n\n" + C.table(
         ["contender", "seed", *(f"t {100 * float(t):g}%" for t in th), "val %", "test %",
          "best val %", "train time", "wall", "cycles", "finest ep.", "all-level ep.", "evals",
-         "rejected", "stopped"],
+         "rejected", "stopped", "switched"],
         [[r["contender"], r["seed"], *(C.fmt(r["time_to"].get(t), "{:.1f}") for t in th),
           C.pct(r.get("val")), C.pct(r.get("test")), C.pct(r.get("best_val")),
           C.fmt(r.get("train_time"), "{:.1f}"), C.fmt(r.get("wall"), "{:.0f}"),
           r.get("cycles"), C.fmt(r.get("finest_epochs"), "{:.2f}"),
           C.fmt(r.get("global_epochs"), "{:.2f}"), r.get("evals"), r.get("rejected"),
-          r.get("error") or r.get("stopped")] for r in records]) + "\n</details>\n"
+          r.get("error") or r.get("stopped"), r.get("switched") or ""] for r in records])
+    body += "\n</details>\n"
     return body
 
 
@@ -456,8 +535,16 @@ def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = C.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--hierarchy", choices=["depth", "resolution", "all"], default=None,
-                   help="hierarchy to benchmark (default: depth; with --smoke: all)")
+    p.add_argument("--hierarchy", choices=["depth", "resolution", "graph", "all"],
+                   default=None, help="hierarchy to benchmark (default: depth; with --smoke: "
+                                      "all = depth and resolution; graph: the depth x "
+                                      "resolution file of hierarchies/beyond/)")
+    p.add_argument("--beyond", action="store_true",
+                   help="issue 9's comparisons instead: momentum, Adam, the stochastic and the "
+                        "delayed correction against mlsgd-thesis on the depth hierarchy; the "
+                        "depth x resolution graph's paths against the depth-only chain")
+    p.add_argument("--reference", default=None,
+                   help="report ratios against this contender instead of MLSGD / SGD pairs")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="fmnist-small: scaled Fashion-MNIST (~20 min per hierarchy on 2 idle "
                         "cores, the default); fmnist: the unscaled twins; cifar10: the thesis' "
@@ -500,16 +587,26 @@ def main(argv: list[str] | None = None) -> int:
     if hierarchies == ["all"]:
         hierarchies = ["depth", "resolution"]
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in contenders if c not in CONTENDERS]
+    unknown = [c for c in contenders + [args.reference or contenders[0]]
+               if c not in CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
+    if args.reference and args.reference not in contenders:
+        p.error(f"--reference {args.reference} is not among --contenders")
+    if args.beyond:
+        if args.preset != "fmnist-small":
+            p.error("--beyond runs the Fashion-MNIST files: --preset fmnist-small only")
+        jobs = [(h, list(cs), ref, f"beyond-{h}") for h, cs, ref in BEYOND
+                if args.hierarchy in (None, "all", h)]
+    else:
+        jobs = [(h, contenders, args.reference, h) for h in hierarchies]
     C.setup_torch(args)
     seeds = list(range(args.seeds))
     results = C.results_path(args)
     info = C.machine(args.device)
 
     with C.workdir(args) as work:
-        for hierarchy in hierarchies:
+        for hierarchy, contenders, reference, label in jobs:
             started = time.time()
             setup = Setup(args, hierarchy)
             wd = work / f"tta-{hierarchy}"
@@ -527,9 +624,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"train {C.fmt(rec.get('train_time'), '{:.1f}')} s wall "
                           f"{C.fmt(rec.get('wall'), '{:.0f}')} s"
                           + (f" ERROR {rec['error']}" if rec.get("error") else ""), flush=True)
-            body = summarise(setup, records, contenders, cal, info, started, seeds)
-            key = f"time_to_accuracy/{hierarchy}/{args.preset}/{args.device}"
-            title = (f"Time to accuracy — {hierarchy} hierarchy, preset {args.preset}, "
+            body = summarise(setup, records, contenders, cal, info, started, seeds,
+                             reference)
+            key = f"time_to_accuracy/{label}/{args.preset}/{args.device}"
+            title = (("Beyond the thesis: " if args.beyond else "")
+                     + f"Time to accuracy — {hierarchy} hierarchy, preset {args.preset}, "
                      f"{args.device}" + (" (smoke)" if args.smoke else ""))
             C.report(results, key, title, body)
     return 0
