@@ -169,20 +169,32 @@ CONTENDERS: dict[str, dict[str, Any]] = {
                    "overrides": {"mlsgd.optimizer": {"name": "adam", "betas": [0.9, 0.999]},
                                  "mlsgd.schedule": {"kind": "constant"},
                                  "mlsgd.optimizer_state": "keep"}},
-    "mlsgd-stochastic": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
-                         "describe": "the thesis' corrected method: mlsgd-thesis with the "
-                                     "stochastic correction (3.125 %, no VR) in every cycle",
-                         "overrides": {**CONSTANT, "mlsgd.correction": {
-                             "strategy": "stochastic", "fraction": 0.03125,
-                             "variance_reduction": False}}},
-    "mlsgd-delayed": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
-                      "describe": "beyond/fmnist-depth-delayed.toml: mlsgd-thesis, then the "
-                                  "stochastic correction from half the cycles that fit in the "
-                                  "budget or once ||P* grad F_L|| < 0.3",
-                      "overrides": {**CONSTANT, "mlsgd.correction": {
-                          "strategy": "delayed", "inner": "stochastic", "fraction": 0.03125,
-                          "variance_reduction": False, "after_cycle": "half",
-                          "gradient_norm_below": 0.3}}},
+    # the thesis' corrected configuration (depth-cifar10-sto.toml): the corrected coarse
+    # problems diverge at the uncorrected step 0.05 (also with lambda = 0.25 or 1)
+    "mlsgd-stochastic": {"kind": "mlsgd", "scheduled": False, "lr": 0.001,
+                         "describe": "the thesis' corrected method (depth-cifar10-sto.toml): "
+                                     "stochastic correction (3.125 %, no VR) from cycle 1, "
+                                     "step 0.001, lambda 5",
+                         "overrides": {**CONSTANT, "mlsgd.step_regularization": 5.0,
+                                       "mlsgd.uncorrected_cycles": 1, "mlsgd.correction": {
+                                           "strategy": "stochastic", "fraction": 0.03125,
+                                           "variance_reduction": False}}},
+    "mlsgd-stochastic-fast": {"kind": "mlsgd", "scheduled": False, "lr": 0.01,
+                              "describe": "mlsgd-delayed's settings with the correction on "
+                                          "from cycle 0 (isolates the delay)",
+                              "overrides": {**CONSTANT, "mlsgd.step_regularization": 2.0,
+                                            "mlsgd.correction": {
+                                                "strategy": "stochastic", "fraction": 0.03125,
+                                                "variance_reduction": False}}},
+    "mlsgd-delayed": {"kind": "mlsgd", "scheduled": False, "lr": 0.01,
+                      "describe": "beyond/fmnist-depth-delayed.toml: step 0.01, lambda 2, "
+                                  "uncorrected, then the stochastic correction from half the "
+                                  "cycles that fit in the budget or once ||P* grad F_L|| < 0.3",
+                      "overrides": {**CONSTANT, "mlsgd.step_regularization": 2.0,
+                                    "mlsgd.correction": {
+                                        "strategy": "delayed", "inner": "stochastic",
+                                        "fraction": 0.03125, "variance_reduction": False,
+                                        "after_cycle": "half", "gradient_norm_below": 0.3}}},
     # the graph hierarchy (--hierarchy graph): the thesis' chains inside it and the graph's
     # paths, all with the thesis' plain constant-step SGD
     "mlsgd-depth2": {"kind": "mlsgd", "scheduled": False, "lr": BASE_LR,
@@ -206,7 +218,7 @@ DEFAULT_CONTENDERS = ["sgd-const", "sgd-tuned", "mlsgd-best"]
 # contenders, reference)
 BEYOND = [
     ("depth", ["mlsgd-thesis", "mlsgd-momentum", "mlsgd-adam", "mlsgd-stochastic",
-               "mlsgd-delayed"], "mlsgd-thesis"),
+               "mlsgd-stochastic-fast", "mlsgd-delayed"], "mlsgd-thesis"),
     ("graph", ["mlsgd-depth2", "mlsgd-res2", "mlsgd-graph", "mlsgd-alternate"],
      "mlsgd-depth2"),
 ]
