@@ -217,6 +217,15 @@ def command_line() -> str:
     return env + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
 
 
+def load_note(threads: int) -> str:
+    """The benchmark itself keeps about ``threads`` cores busy; more load means company."""
+    load5 = os.getloadavg()[1]
+    if load5 > threads + 0.75:
+        return (f"above this benchmark's own {threads} threads: the machine was shared and "
+                "absolute times are inflated; the side-by-side ratios are what to read")
+    return f"about this benchmark's own {threads} threads: no other work on the machine"
+
+
 def preamble(info: dict[str, Any], started: float, extra: dict[str, Any] | None = None) -> str:
     """The lines every section starts with: date, command, machine, versions."""
     import torch
@@ -234,8 +243,7 @@ def preamble(info: dict[str, Any], started: float, extra: dict[str, Any] | None 
         f"{info['device']}" + (f" ({info['gpu']}, CUDA {info['cuda']})" if "gpu" in info
                                else ""),
         f"- load average (1/5/15 min) at start {info['load average at start']}, at end "
-        f"{info['load average at end']} (above the core count: the machine was shared and "
-        "absolute times are inflated; the side-by-side ratios are what to read)",
+        f"{info['load average at end']} ({load_note(info['torch threads'])})",
         f"- versions: python {info['python']}, torch {info['torch']}, mlsgd-dsl "
         f"{info['mlsgd-dsl']}; {info['platform']}",
     ]
