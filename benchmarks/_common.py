@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +217,21 @@ def command_line() -> str:
     return env + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
 
 
-def load_note(threads: int) -> str:
+def cli(main: Callable[[], int], hint: Callable[[str], str] | None = None) -> int:
+    """Run a script's ``main``; a user error (missing data set, bad override, a plugin that is
+    not installed) ends in one line on stderr and exit code 2, not a traceback."""
+    from mlsgd_dsl.errors import UserError
+
+    try:
+        return main()
+    except UserError as exc:
+        extra = hint(str(exc)) if hint else ""
+        print(f"{Path(sys.argv[0]).name}: error: {exc}{extra}", file=sys.stderr)
+        return 2
+
+
+def load_note(load5: float, threads: int) -> str:
     """The benchmark itself keeps about ``threads`` cores busy; more load means company."""
-    load5 = os.getloadavg()[1]
     if load5 > threads + 0.75:
         return (f"above this benchmark's own {threads} threads: the machine was shared and "
                 "absolute times are inflated; the side-by-side ratios are what to read")
@@ -231,7 +243,8 @@ def preamble(info: dict[str, Any], started: float, extra: dict[str, Any] | None 
     import torch
 
     info = dict(info)
-    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    end = os.getloadavg()
+    info["load average at end"] = " ".join(f"{x:.2f}" for x in end)
     info["torch threads"] = torch.get_num_threads()
     elapsed = time.time() - started
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -243,7 +256,7 @@ def preamble(info: dict[str, Any], started: float, extra: dict[str, Any] | None 
         f"{info['device']}" + (f" ({info['gpu']}, CUDA {info['cuda']})" if "gpu" in info
                                else ""),
         f"- load average (1/5/15 min) at start {info['load average at start']}, at end "
-        f"{info['load average at end']} ({load_note(info['torch threads'])})",
+        f"{info['load average at end']} ({load_note(end[1], info['torch threads'])})",
         f"- versions: python {info['python']}, torch {info['torch']}, mlsgd-dsl "
         f"{info['mlsgd-dsl']}; {info['platform']}",
     ]

@@ -646,17 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> int:
-    from mlsgd_dsl.errors import UserError
-
-    try:
-        return main()
-    except UserError as exc:  # a missing data set, a bad override: one line, no traceback
-        hint = " (with --preset cifar10, --download lets the source fetch it)" \
-            if "cifar10" in str(exc) else ""
-        print(f"{Path(sys.argv[0]).name}: error: {exc}{hint}", file=sys.stderr)
-        return 2
+def download_hint(message: str) -> str:
+    return (" (with --preset cifar10, --download lets the source fetch it)"
+            if "cifar10" in message else "")
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    raise SystemExit(C.cli(main, download_hint))
