@@ -610,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--beyond runs the Fashion-MNIST files: --preset fmnist-small only")
         jobs = [(h, list(cs), ref, f"beyond-{h}") for h, cs, ref in BEYOND
                 if args.hierarchy in (None, "all", h)]
+        if not jobs:
+            p.error(f"--beyond compares on {' and '.join(h for h, _, _ in BEYOND)}, not on "
+                    f"--hierarchy {args.hierarchy}")
     else:
         jobs = [(h, contenders, args.reference, h) for h in hierarchies]
     C.setup_torch(args)
