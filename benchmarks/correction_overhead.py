@@ -9,7 +9,7 @@ by repetition, each strategy in turn (order rotated). The cycle's time is the ru
 deterministic (± VR) ≤ 1.3x, stochastic (± VR) ≤ 1.1x (the thesis saw 1.6–2x).
 
 Where the time goes is measured with timers put around the runner's own calls in this process
-(nothing in the package is changed): gradient passes (``Trainer.gradient``: full data,
+(nothing in the package is changed): gradient passes (``Driver.gradient``: full data,
 sampled, or through a variance-reduction snapshot), snapshot copies, BatchNorm re-estimation,
 transfers (``Transfer.restrict/prolongate/adjoint``), angle checks (``AngleCheck.ok``) and the
 forward passes of the VR snapshot inside the training steps. Times are exclusive (a transfer
@@ -98,7 +98,7 @@ class Profiler:
 
     def install(self) -> None:
         from mlsgd_dsl import operators
-        from mlsgd_dsl.runner import bn, level, run
+        from mlsgd_dsl.runner import angle, bn, driver
 
         def gradient_category(trainer: Any, lvl: str, sample: Any = None, *,
                               model: Any = None) -> str:
@@ -113,13 +113,13 @@ class Profiler:
             self.images[cat] = self.images.get(cat, 0) + n
             return cat
 
-        self.wrap(run.Trainer, "gradient", gradient_category)
+        self.wrap(driver.Driver, "gradient", gradient_category)
         self.wrap(bn, "recalibrate", "BN re-estimation")
         for name in ("restrict", "prolongate", "adjoint"):
             self.wrap(operators.Transfer, name, "transfers")
-        self.wrap(level.AngleCheck, "ok", "angle checks")
+        self.wrap(angle.AngleCheck, "ok", "angle checks")
         # snapshot copies, and the VR snapshot's forward passes in the training steps
-        original = run.Trainer.snapshot
+        original = driver.Driver.snapshot
         prof = self
 
         def snapshot(trainer: Any, lvl: str) -> Any:
@@ -142,8 +142,8 @@ class Profiler:
             snap.forward = timed_forward
             return snap
 
-        self.saved.append((run.Trainer, "snapshot", original))
-        run.Trainer.snapshot = snapshot
+        self.saved.append((driver.Driver, "snapshot", original))
+        driver.Driver.snapshot = snapshot
 
     def uninstall(self) -> None:
         for owner, attr, original in reversed(self.saved):

@@ -93,7 +93,7 @@ def bench_hierarchy(args: Any, name: str, work: Path) -> dict[str, Any]:
     import torch
 
     import mlsgd_dsl
-    from mlsgd_dsl.runner.level import Host, Visit, train_visit
+    from mlsgd_dsl.runner.level import FixedHost, Visit, train_visit
     from mlsgd_dsl.runner.run import Trainer
 
     overrides = {**MECHANICS, **SCALING[name]}
@@ -110,12 +110,7 @@ def bench_hierarchy(args: Any, name: str, work: Path) -> dict[str, Any]:
     spec = compiled.hierarchy.mlsgd
     aug = compiled.hierarchy.data.augment
 
-    class MinimalHost(Host):
-        def __init__(self) -> None:
-            self.generator = torch.Generator().manual_seed(0)
-            self.global_epoch = 0.0
-
-    host = MinimalHost()
+    host = FixedHost(torch.Generator().manual_seed(0))
     contenders: dict[str, dict[str, Any]] = {}
     for level_name, lv in trainer.levels.items():
         model = copy.deepcopy(lv.model)

@@ -20,7 +20,8 @@ from mlsgd_dsl.errors import ConfigError, RunError
 from mlsgd_dsl.hookspecs import hookimpl
 from mlsgd_dsl.runner.corrections import LevelCorrection
 from mlsgd_dsl.runner.delayed import SWITCHED, WAITING, DelayedCorrection
-from mlsgd_dsl.runner.level import Visit, get_first_moment, train_visit
+from mlsgd_dsl.runner.level import Visit, train_visit
+from mlsgd_dsl.runner.optim import get_first_moment
 from mlsgd_dsl.runner.records import read_rows
 from mlsgd_dsl.runner.run import Trainer
 
@@ -29,14 +30,6 @@ BEYOND = ROOT / "hierarchies" / "beyond"
 SHIPPED = sorted(BEYOND.glob("*.toml"))
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 FAST = {"mlsgd.eval.every": "cycle"}
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
-    torch.set_flush_denormal(False)  # a Trainer driven by hand turned it on
 
 
 def epoch_rows(rows):
@@ -129,7 +122,7 @@ class Recorder:
         self.t = t
         self.log: list[dict[str, Any]] = []
         for name in ("descend", "ascend", "smooth"):
-            setattr(t, name, self._wrap(name, getattr(t, name)))
+            setattr(t.driver, name, self._wrap(name, getattr(t.driver, name)))
 
     def _snap(self, level: str) -> dict[str, Any]:
         lv = self.t.levels[level]
@@ -141,7 +134,7 @@ class Recorder:
     def _wrap(self, what: str, fn):
         def wrapped(*levels):
             pre = {lv: self._snap(lv) for lv in levels}
-            entry = {"what": what, "cycle": self.t.cycle, "levels": levels, "pre": pre}
+            entry = {"what": what, "cycle": self.t.driver.cycle, "levels": levels, "pre": pre}
             result = None
             if what == "smooth":
                 entry.update(self._smooth(fn, levels[0]))
@@ -156,11 +149,11 @@ class Recorder:
     def _smooth(self, fn, level: str) -> dict[str, Any]:
         """smooth(level), with the optimiser state snapshotted as the visit starts (after
         smooth() has chosen the optimiser) and whether a new optimiser was made."""
-        import mlsgd_dsl.runner.run as run_module
+        import mlsgd_dsl.runner.driver as driver_module
 
         lv = self.t.levels[level]
         seen: dict[str, Any] = {"new_optimizer": False}
-        make, visit = lv.new_optimizer, run_module.train_visit
+        make, visit = lv.new_optimizer, driver_module.train_visit
 
         def new_optimizer():
             seen["new_optimizer"] = True
@@ -170,11 +163,11 @@ class Recorder:
             seen["start"] = self._snap(level)
             return visit(level_, visit_, host)
 
-        lv.new_optimizer, run_module.train_visit = new_optimizer, train
+        lv.new_optimizer, driver_module.train_visit = new_optimizer, train
         try:
             fn(level)
         finally:
-            lv.new_optimizer, run_module.train_visit = make, visit
+            lv.new_optimizer, driver_module.train_visit = make, visit
         return seen
 
     def visits(self, level: str) -> list[dict[str, Any]]:
@@ -356,7 +349,7 @@ def _restricted_norm_by_hand(t: Trainer, g: list[torch.Tensor]) -> float:
 
 def test_delayed_gradient_norm_is_the_restricted_norm(tmp_path: Path) -> None:
     t = _delayed(tmp_path / "a", {"gradient_norm_below": 1e-12}, cycles=3)
-    expected0 = _restricted_norm_by_hand(t, t.gradient("fine"))
+    expected0 = _restricted_norm_by_hand(t, t.driver.gradient("fine"))
     t.fit()
     values = [t.strategy.measurements[k]["gradient_norm"] for k in range(3)]
     assert values[0] == pytest.approx(expected0, rel=1e-6)
@@ -386,8 +379,8 @@ def test_delayed_gradient_norm_is_the_restricted_norm(tmp_path: Path) -> None:
 def test_delayed_angle_is_the_prolongated_coarse_step(tmp_path: Path) -> None:
     t = _delayed(tmp_path / "a", {"angle_below": -0.999}, cycles=3, double=True)
     starts: dict[int, tuple] = {}
-    ascend = t.ascend
-    begin = t.begin_cycle
+    ascend = t.driver.ascend
+    begin = t.driver.begin_cycle
 
     def begin_cycle(k):
         fine = t.levels["fine"]
@@ -399,9 +392,9 @@ def test_delayed_angle_is_the_prolongated_coarse_step(tmp_path: Path) -> None:
         ascend(coarse, fine)
         if fine == "fine":
             after = [p.detach() for p in t.levels[fine].params]
-            starts[t.cycle] += ([a - b for a, b in zip(after, before)],)
+            starts[t.driver.cycle] += ([a - b for a, b in zip(after, before)],)
 
-    t.begin_cycle, t.ascend = begin_cycle, ascend_spy
+    t.driver.begin_cycle, t.driver.ascend = begin_cycle, ascend_spy
     t.fit()
     m = t.strategy.measurements
     assert m[0]["cos"] is None  # nothing to measure before the first cycle
@@ -409,11 +402,11 @@ def test_delayed_angle_is_the_prolongated_coarse_step(tmp_path: Path) -> None:
         w0, step = starts[k - 1]
         fine = t.levels["fine"]
         # gradient of F_L at w_{L,k-1,0}: load it into a copy of the finest model
-        snap = t.snapshot("fine")
+        snap = t.driver.snapshot("fine")
         with torch.no_grad():
             for p, w in zip([p for p in snap.parameters() if p.requires_grad], w0):
                 p.copy_(w)
-        g = [x.detach() for x in t.gradient("fine", model=snap)]
+        g = [x.detach() for x in t.driver.gradient("fine", model=snap)]
         cos = -sum(float((a * b).sum()) for a, b in zip(g, step)) / (
             math.sqrt(sum(float((a * a).sum()) for a in g))
             * math.sqrt(sum(float((b * b).sum()) for b in step)))
@@ -575,33 +568,34 @@ def test_runner_follows_the_alternating_path_and_composes_r_along_it(tmp_path: P
                             **FAST})
     calls: list[tuple] = []
     checks: list[int] = []
-    descend, ascend = t.descend, t.ascend
+    descend, ascend = t.driver.descend, t.driver.ascend
     fine_at_start: dict[int, dict] = {}
-    begin = t.begin_cycle
+    begin = t.driver.begin_cycle
 
     def begin_cycle(k):
         fine_at_start[k] = {n: v.clone() for n, v in t.levels["fine"].model.state_dict().items()}
         return begin(k)
 
     def descend_spy(fine, coarse):
-        calls.append((t.cycle, "down", fine, coarse))
+        calls.append((t.driver.cycle, "down", fine, coarse))
         ok = descend(fine, coarse)
         if coarse == "coarse":  # R_{coarse<-fine} along this cycle's path, on w_{L,k,0}
-            path = t.c.path(t.cycle)
+            k = t.driver.cycle
+            path = t.c.path(k)
             other = [p for p in t.c.all_paths("coarse", "fine") if p != path][0]
-            mine = t.c.transfer("coarse", "fine", via=path).restrict(fine_at_start[t.cycle])
-            theirs = t.c.transfer("coarse", "fine", via=other).restrict(fine_at_start[t.cycle])
+            mine = t.c.transfer("coarse", "fine", via=path).restrict(fine_at_start[k])
+            theirs = t.c.transfer("coarse", "fine", via=other).restrict(fine_at_start[k])
             got = t.levels["coarse"].model.state_dict()
             assert all(torch.allclose(got[n], mine[n], atol=1e-6) for n in mine)
             assert not all(torch.allclose(got[n], theirs[n], atol=1e-6) for n in theirs)
-            checks.append(t.cycle)
+            checks.append(t.driver.cycle)
         return ok
 
     def ascend_spy(coarse, fine):
-        calls.append((t.cycle, "up", coarse, fine))
+        calls.append((t.driver.cycle, "up", coarse, fine))
         return ascend(coarse, fine)
 
-    t.begin_cycle, t.descend, t.ascend = begin_cycle, descend_spy, ascend_spy
+    t.driver.begin_cycle, t.driver.descend, t.driver.ascend = begin_cycle, descend_spy, ascend_spy
     t.fit()
     assert checks == [0, 1, 2, 3]
     for k in range(4):

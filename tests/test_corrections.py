@@ -22,15 +22,6 @@ from mlsgd_dsl.runner.objective import norm
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """Tiny hierarchies run single-threaded (mlsgd.threads = 1); restore the process state."""
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
-    torch.set_flush_denormal(False)  # a Trainer driven by hand turned it on
-
-
 def full_grad(t, level, sample=None):
     lv = t.levels[level]
     return lv.objective.gradient(lv.data.train_x, lv.data.train_y, batch_size=1000,
@@ -54,14 +45,14 @@ def coherent_target(t, coarse, fine="fine", sample=None):
 def corrected_level_gradient(t, level, sample=None):
     """∇_l H_l at the level's current weights: (∇F_l + correction vector) / h_l."""
     g = full_grad(t, level, sample)
-    vec = t.corr[level].vector
+    vec = t.driver.state.corr[level].vector
     return [(a + v) / t.levels[level].h for a, v in zip(g, vec)]
 
 
 def descend_all(t, cycle=0):
-    t.begin_cycle(cycle)
-    assert t.descend("fine", "mid")
-    assert t.descend("mid", "coarse")
+    t.driver.begin_cycle(cycle)
+    assert t.driver.descend("fine", "mid")
+    assert t.driver.descend("mid", "coarse")
 
 
 @pytest.mark.parametrize("correction", [
@@ -80,14 +71,14 @@ def test_first_order_coherence_composed_over_three_levels(tmp_path: Path, correc
         assert level_norm(t, level, diff) < TOL, level
         # the target handed to the level is the Euclidean Pᵀ∇H = h_l·P*∇_{l+1}H
         target = [x * t.levels[level].h for x in expected]
-        assert norm([a - b for a, b in zip(t.corr[level].target, target)]) < TOL
+        assert norm([a - b for a, b in zip(t.driver.state.corr[level].target, target)]) < TOL
 
 
 def test_stochastic_correction_is_coherent_on_its_sample(tmp_path: Path) -> None:
     t = trainer(tmp_path, {"mlsgd.correction": {"strategy": "stochastic", "fraction": 0.25}},
                 double=True)
     descend_all(t)
-    sample = t.sample(0.25)
+    sample = t.driver.sample(0.25)
     assert len(sample.indices) == round(0.25 * len(t.levels["fine"].data.train_x))
     for level in ("mid", "coarse"):
         expected = coherent_target(t, level, sample=sample)
@@ -102,8 +93,8 @@ def _one_step(t, level, batch_fraction_epochs):
     lv = t.levels[level]
     lv.new_optimizer()
     before = lv.detached_params()
-    visit = Visit(epochs=batch_fraction_epochs, correction=t.corr[level],
-                  anchor=t.anchor[level], lam=t._lam(level))
+    visit = Visit(epochs=batch_fraction_epochs, correction=t.driver.state.corr[level],
+                  anchor=t.driver.state.anchor[level], lam=t.driver.lam(level))
     result = train_visit(lv, visit, t)
     assert result.steps >= 1
     return before, lv.detached_params()
@@ -122,8 +113,8 @@ def test_variance_reduced_first_step_is_the_coherent_direction(tmp_path: Path,
     nb = t.levels["coarse"].batches_per_epoch
     assert nb >= 2  # a real mini-batch, not the full gradient
     before, after = _one_step(t, "coarse", 1 / nb)
-    target = t.corr["coarse"].target
-    sample = None if t.strategy.sample(t) is None else t.sample(0.5)
+    target = t.driver.state.corr["coarse"].target
+    sample = None if t.strategy.sample(t.driver) is None else t.driver.sample(0.5)
     expected = coherent_target(t, "coarse", sample=sample)
     h = t.levels["coarse"].h
     assert norm([a - b for a, b in zip(target, [x * h for x in expected])]) < TOL
@@ -140,8 +131,8 @@ def test_plain_correction_full_batch_steps_with_step_regularisation(tmp_path: Pa
     descend_all(t)
     lv = t.levels["coarse"]
     assert lv.batches_per_epoch == 1
-    w0 = [p.clone() for p in t.anchor["coarse"]]
-    target = t.corr["coarse"].target
+    w0 = [p.clone() for p in t.driver.state.anchor["coarse"]]
+    target = t.driver.state.corr["coarse"].target
     before, w1 = _one_step(t, "coarse", 1.0)
     assert norm([b - a for a, b in zip(w0, before)]) == 0
     assert norm([a - b + lv.lr * g for a, b, g in zip(w1, w0, target)]) < TOL
@@ -201,8 +192,8 @@ def test_svrg_on_the_finest_level(tmp_path: Path, svrg_finest) -> None:
     t = trainer(tmp_path, {"mlsgd.correction": {"strategy": "deterministic",
                                                 "variance_reduction": True,
                                                 "svrg_finest": svrg_finest}}, double=True)
-    t.begin_cycle(0)
-    fine = t.corr["fine"]
+    t.driver.begin_cycle(0)
+    fine = t.driver.state.corr["fine"]
     if not svrg_finest:
         assert fine is None
         return
@@ -220,13 +211,13 @@ def test_uncorrected_first_cycle(tmp_path: Path) -> None:
                            "mlsgd.cycles": 2, "mlsgd.epochs": 0.25,
                            "mlsgd.eval.every": "cycle"})
     counts = _count_gradients(t)
-    t.begin_cycle(0)
-    assert t.strategy_k.name == "none" and t.corr["fine"] is None
-    assert t.descend("fine", "mid") and t.corr["mid"] is None
+    t.driver.begin_cycle(0)
+    assert t.driver.state.strategy.name == "none" and t.driver.state.corr["fine"] is None
+    assert t.driver.descend("fine", "mid") and t.driver.state.corr["mid"] is None
     assert sum(counts.values()) == 0
-    t.begin_cycle(1)
-    assert t.strategy_k.name == "deterministic"
-    assert t.descend("fine", "mid") and t.corr["mid"].vector is not None
+    t.driver.begin_cycle(1)
+    assert t.driver.state.strategy.name == "deterministic"
+    assert t.driver.descend("fine", "mid") and t.driver.state.corr["mid"].vector is not None
     assert counts == {"fine": 1, "mid": 1, "coarse": 0}
 
 
@@ -262,11 +253,11 @@ def test_early_stop_refuses_descent(tmp_path: Path) -> None:
 
 def test_early_stop_epsilon_and_pass(tmp_path: Path) -> None:
     t = trainer(tmp_path, {"mlsgd.early_stop": {"eta": 0.0, "epsilon": 0.0}}, double=True)
-    t.begin_cycle(0)
-    assert t.descend("fine", "mid")
+    t.driver.begin_cycle(0)
+    assert t.driver.descend("fine", "mid")
     t2 = trainer(tmp_path / "b", {"mlsgd.early_stop": {"epsilon": 1e9}}, double=True)
-    t2.begin_cycle(0)
-    assert not t2.descend("fine", "mid")
+    t2.driver.begin_cycle(0)
+    assert not t2.driver.descend("fine", "mid")
 
 
 @pytest.mark.parametrize("mode", ["batch", "running"])
@@ -275,12 +266,12 @@ def test_gradient_passes_leave_batchnorm_statistics_alone(tmp_path: Path, mode) 
     "batch" they differentiate through the chunk statistics (as the training steps do)."""
     t = trainer(tmp_path, {"mlsgd.correction": {"strategy": "deterministic",
                                                 "batchnorm": mode}}, batchnorm=True)
-    assert t.batchnorm_mode == mode
+    assert t.driver.batchnorm == mode
     lv = t.levels["fine"]
     before = {k: v.clone() for k, v in lv.model.state_dict().items()}
-    g1 = t.gradient("fine")
-    t._grad_cache.clear()
-    g2 = t.gradient("fine")
+    g1 = t.driver.gradient("fine")
+    t.driver.state.grad_cache.clear()
+    g2 = t.driver.gradient("fine")
     after = lv.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert g1 is not g2 and norm([a - b for a, b in zip(g1, g2)]) == 0

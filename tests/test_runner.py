@@ -29,15 +29,6 @@ except ModuleNotFoundError:  # Python 3.10
 FAST = {"mlsgd.eval.every": "cycle"}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """Tiny hierarchies run single-threaded (mlsgd.threads = 1); restore the process state."""
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
-    torch.set_flush_denormal(False)  # a Trainer driven by hand turned it on
-
-
 def epoch_rows(rows):
     return [r for r in rows if r["train_loss"] is not None]
 
@@ -143,13 +134,13 @@ def test_sgd_baseline_trains_the_finest_only(tmp_path: Path) -> None:
                            "mlsgd.optimizer": {"momentum": 0.9}})
     assert list(t.levels) == ["fine"]
     opt_ids = []
-    original = t.smooth
+    original = t.driver.smooth
 
     def spy(level):
         original(level)
         opt_ids.append(id(t.levels[level].optimizer))
 
-    t.smooth = spy
+    t.driver.smooth = spy
     summary = t.fit()
     rows = read_rows(tmp_path)
     assert {r["level"] for r in rows} == {"fine"}
@@ -175,15 +166,15 @@ def test_rejected_angle_step_leaves_the_iterate_unchanged(tmp_path: Path) -> Non
                 double=True)
     w_fine = t.levels["fine"].detached_params()
     t.start()
-    t.begin_cycle(0)
-    assert t.descend("fine", "mid") and t.descend("mid", "coarse")
-    t.smooth("coarse")
+    t.driver.begin_cycle(0)
+    assert t.driver.descend("fine", "mid") and t.driver.descend("mid", "coarse")
+    t.driver.smooth("coarse")
     assert all(torch.equal(a, b) for a, b in zip(t.levels["coarse"].params,
-                                                 t.anchor["coarse"]))
-    t.ascend("coarse", "mid")
-    t.smooth("mid")
-    t.ascend("mid", "fine")
-    t.smooth("fine")
+                                                 t.driver.state.anchor["coarse"]))
+    t.driver.ascend("coarse", "mid")
+    t.driver.smooth("mid")
+    t.driver.ascend("mid", "fine")
+    t.driver.smooth("fine")
     assert all(torch.equal(a, b) for a, b in zip(t.levels["fine"].params, w_fine))
     events = [r["event"] for r in read_rows(tmp_path) if r["event"]]
     assert events == ["rejected:angle"] * 3
@@ -205,21 +196,21 @@ def test_divergence_on_a_coarse_level(tmp_path: Path, action) -> None:
                            "mlsgd.batch_size": 16, "mlsgd.cycles": 1,
                            "mlsgd.divergence": {"action": action}, **FAST})
     t.start()
-    t.begin_cycle(0)
-    assert t.descend("fine", "mid") and t.descend("mid", "coarse")
-    t.smooth("coarse")
+    t.driver.begin_cycle(0)
+    assert t.driver.descend("fine", "mid") and t.driver.descend("mid", "coarse")
+    t.driver.smooth("coarse")
     # the level's step is rejected: back at its restricted start point
     assert all(torch.equal(a, b) for a, b in zip(t.levels["coarse"].params,
-                                                 t.anchor["coarse"]))
+                                                 t.driver.state.anchor["coarse"]))
     rows = read_rows(tmp_path)
     assert rows[-1]["event"] == "diverged" and rows[-1]["level"] == "coarse"
     if action == "stop":
-        assert t.stopped() and "diverged" in t.stop_reason
+        assert t.driver.stopped() and "diverged" in t.progress.stop_reason
     else:
-        assert not t.stopped()
-        t.ascend("coarse", "mid")  # nothing to prolongate
+        assert not t.driver.stopped()
+        t.driver.ascend("coarse", "mid")  # nothing to prolongate
         assert all(torch.equal(a, b) for a, b in zip(t.levels["mid"].params,
-                                                     t.anchor["mid"]))
+                                                     t.driver.state.anchor["mid"]))
 
 
 def test_divergence_stop_ends_the_run(tmp_path: Path) -> None:
@@ -240,12 +231,10 @@ def test_nan_on_the_finest_level_is_a_run_error(tmp_path: Path) -> None:
         def mlsgd_cycle_end(self, run, cycle):
             if cycle == 0:
                 with torch.no_grad():
-                    run.levels["fine"].model.out.bias.fill_(float("nan"))
+                    run.model.out.bias.fill_(float("nan"))
 
-    t.hook = None
     t.c.registry.manager.register(Poison(), name="poison-test")
     try:
-        t.hook = t.c.registry.hook()
         with pytest.raises(RunError) as err:
             t.fit()
     finally:
@@ -329,21 +318,21 @@ def test_optimizer_state_modes(tmp_path: Path, mode, per_cycle) -> None:
 def test_optimizer_state_transfer_moves_the_first_moment(tmp_path: Path) -> None:
     t = trainer(tmp_path, {"mlsgd.optimizer_state": "transfer", "mlsgd.cycles": 2,
                            "mlsgd.optimizer": {"momentum": 0.9}, **FAST})
-    t.begin_cycle(0)
+    t.driver.begin_cycle(0)
     for fine, coarse in (("fine", "mid"), ("mid", "coarse")):
-        t.descend(fine, coarse)
-    t.smooth("coarse")
-    t.ascend("coarse", "mid")
+        t.driver.descend(fine, coarse)
+    t.driver.smooth("coarse")
+    t.driver.ascend("coarse", "mid")
     coarse, mid = t.levels["coarse"], t.levels["mid"]
     m_coarse = [coarse.optimizer.state[p]["momentum_buffer"] for p in coarse.params]
     up = t.c.transfer("coarse", "mid").prolongate(dict(zip(coarse.names, m_coarse)))
     for p, n in zip(mid.params, mid.names):
         assert torch.equal(mid.optimizer.state[p]["momentum_buffer"], up[n])
-    t.smooth("mid")
-    t.ascend("mid", "fine")
-    t.smooth("fine")
-    t.begin_cycle(1)
-    t.descend("fine", "mid")
+    t.driver.smooth("mid")
+    t.driver.ascend("mid", "fine")
+    t.driver.smooth("fine")
+    t.driver.begin_cycle(1)
+    t.driver.descend("fine", "mid")
     fine = t.levels["fine"]
     m_fine = [fine.optimizer.state[p]["momentum_buffer"] for p in fine.params]
     down = t.c.transfer("mid", "fine").restrict(dict(zip(fine.names, m_fine)))
@@ -396,10 +385,10 @@ def test_bn_recalibration_estimates_the_statistics() -> None:
 
 def test_bn_recalibrated_after_prolongation(tmp_path: Path) -> None:
     t = trainer(tmp_path, {"mlsgd.cycles": 1, **FAST}, batchnorm=True)
-    t.begin_cycle(0)
-    t.descend("fine", "mid")
-    t.descend("mid", "coarse")
-    t.smooth("coarse")
+    t.driver.begin_cycle(0)
+    t.driver.descend("fine", "mid")
+    t.driver.descend("mid", "coarse")
+    t.driver.smooth("coarse")
     mid_bn = t.levels["mid"].model.bn
     before = mid_bn.running_mean.clone()
     calls = []
@@ -411,7 +400,7 @@ def test_bn_recalibrated_after_prolongation(tmp_path: Path) -> None:
 
     bn.recalibrate, saved = spy, bn.recalibrate
     try:
-        t.ascend("coarse", "mid")
+        t.driver.ascend("coarse", "mid")
     finally:
         bn.recalibrate = saved
     assert calls == [64]

@@ -22,8 +22,9 @@ Per step, the level solver forms the gradient of ``H_l`` from the stochastic gra
 The step-size regularisation ``λ h_l (w − w_{l,0})`` is added by the runner for every
 strategy (it belongs to the level, not to the correction).
 
-A third-party strategy subclasses :class:`Correction` (or implements the same methods) and is
-registered with the ``mlsgd_corrections`` hook; see :mod:`mlsgd_dsl.builtins.corrections`.
+A third-party strategy subclasses :class:`Correction` (or implements the same methods), sees the
+run only through :class:`CorrectionHost` (as the built-in ``delayed`` does) and is registered
+with the ``mlsgd_corrections`` hook; see :mod:`mlsgd_dsl.builtins.corrections`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -53,10 +53,65 @@ class Sample:
         return ("sample", self.cycle, self.fraction)
 
 
-class CorrectionHost(Protocol):
-    """What the trainer offers a strategy (implemented by :class:`mlsgd_dsl.runner.run.Trainer`)."""
+class LevelView(Protocol):
+    """Read access to one level (:class:`mlsgd_dsl.runner.level.Level` implements it)."""
 
-    cycle: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def h(self) -> float:
+        """The level's mesh size ``h_l`` (inner product ``⟨u, v⟩_l = h_l·⟨u, v⟩``)."""
+
+    @property
+    def names(self) -> Sequence[str]:
+        """Names of the trained parameters, in the order of :attr:`params`."""
+
+    @property
+    def params(self) -> Sequence[Tensor]:
+        """The live parameters (read them; the runner alone changes them)."""
+
+    @property
+    def version(self) -> int:
+        """Bumped whenever the weights change: equal versions mean equal weights."""
+
+
+class TransferView(Protocol):
+    """The compiled operators between two levels, on ``{parameter name: tensor}`` dicts."""
+
+    def restrict(self, fine: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``R``: fine weights → coarse weights."""
+
+    def prolongate(self, coarse: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``P``: coarse steps (or weights) → fine."""
+
+    def adjoint(self, fine: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``P* = (h_fine/h_coarse)·Pᵀ``: fine level gradients → coarse level gradients."""
+
+
+class CorrectionHost(Protocol):
+    """Everything the runner offers a strategy — the built-in ones use nothing else.
+
+    Implemented by :class:`mlsgd_dsl.runner.driver.Driver`; valid during one cycle.
+    """
+
+    @property
+    def cycle(self) -> int:
+        """The cycle in progress (0-based)."""
+
+    @property
+    def finest(self) -> str:
+        """The finest level's name."""
+
+    @property
+    def path(self) -> Sequence[str]:
+        """This cycle's levels, coarsest first, ending with the finest."""
+
+    def level(self, name: str) -> LevelView:
+        """Read access to a level of this cycle's path."""
+
+    def transfer(self, coarse: str, fine: str) -> TransferView:
+        """The operators between two levels of the path (composed when not adjacent)."""
 
     def gradient(self, level: str, sample: Sample | None = None, *,
                  model: nn.Module | None = None) -> list[Tensor]:
@@ -66,7 +121,7 @@ class CorrectionHost(Protocol):
         (default: batch statistics, running statistics left untouched; see
         :meth:`mlsgd_dsl.runner.objective.Objective.gradient`). Results are cached per
         (level, weights version, sample), so the angle condition and a correction that need
-        the same gradient share one pass."""
+        the same gradient share one pass; treat them as read-only."""
 
     def sample(self, fraction: float) -> Sample:
         """The cycle's sample of ``fraction`` of the training set (one per fraction and cycle)."""
@@ -76,6 +131,10 @@ class CorrectionHost(Protocol):
 
     def at_start(self, level: str) -> bool:
         """True while the level's weights are still its restricted start point ``w_{l,0}``."""
+
+    def record(self, level: str, event: str) -> None:
+        """Write an event row (``event`` text, no losses) of ``level`` to the run's metrics;
+        the ``mlsgd_epoch_end`` hooks see it like any row."""
 
 
 # --------------------------------------------------------------------------- per visit
@@ -118,7 +177,11 @@ class Correction:
     * :meth:`level_gradient` — an estimate of ``∇H_l`` at the level's current weights (for the
       descent to the next coarser level and the early-termination test (3.4)/(3.5));
     * :meth:`prepare` — the :class:`LevelCorrection` of a level for its visit, given the target
-      ``Pᵀ∇H_{l+1}`` (``target=None`` for the finest level at the start of the cycle).
+      ``Pᵀ∇H_{l+1}`` (``target=None`` for the finest level at the start of the cycle);
+    * :meth:`end_cycle` — after the cycle completed;
+
+    and :meth:`state_dict` for every checkpoint, :meth:`load_state_dict` on ``--resume``.
+    Every ``host`` is a :class:`CorrectionHost`, the whole of what a strategy can use.
     """
 
     name = "none"
@@ -153,6 +216,20 @@ class Correction:
     def prepare(self, host: CorrectionHost, level: str,
                 target: Sequence[Tensor] | None) -> LevelCorrection | None:
         return None
+
+    def end_cycle(self, host: CorrectionHost, cycle: int) -> None:
+        """Called after every completed cycle (before its checkpoint is written)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy must carry across a resume; saved in every checkpoint.
+
+        Only what weights-only loading accepts (tensors, numbers, strings, None and lists,
+        tuples, dicts of them); stateless strategies return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called once, before the first resumed
+        cycle)."""
 
     def describe(self) -> str:
         return self.name
@@ -274,11 +351,3 @@ def create_stochastic(options: StochasticOptions) -> Correction:
                                 coarse_gradient=options.coarse_gradient,
                                 batchnorm=options.batchnorm,
                                 svrg_finest=options.svrg_finest)
-
-
-def as_list(sd: dict[str, Tensor], names: Sequence[str]) -> list[Tensor]:
-    return [sd[n] for n in names]
-
-
-def zeros_like(params: Sequence[Tensor]) -> list[Tensor]:
-    return [torch.zeros_like(p) for p in params]

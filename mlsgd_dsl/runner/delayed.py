@@ -33,11 +33,13 @@ extra. While off, each cycle pays one gradient pass of the finest level for the 
 What happened is written to the run's metrics as event rows of the finest level:
 ``switched:correction (gradient norm 0.012 < 0.02)`` in the cycle that switched, and (with
 ``log_checks``) ``delayed:uncorrected (gradient norm 0.031 >= 0.02; cos 0.42 >= 0.1)`` in every
-cycle that measured and stayed off. A resumed run finds the switch in its metrics and stays
-switched.
+cycle that measured and stayed off. The switch, its reason, the measurements and the angle
+waiting for the next cycle are the strategy's :meth:`~DelayedCorrection.state_dict`, saved in
+every checkpoint, so a resumed run stays switched (and measures the same angle).
 
-The strategy needs the trainer's levels, the cycle's path and the compiled transfers (it is a
-host-side strategy, not a pure :class:`~mlsgd_dsl.runner.corrections.CorrectionHost` one).
+The strategy sees the run only through
+:class:`~mlsgd_dsl.runner.corrections.CorrectionHost` (levels, the cycle's path, transfers,
+gradients, event rows): a third-party strategy can do all it does.
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ class DelayedCorrection(Correction):
         #: per cycle: the measured values {"gradient_norm": …, "cos": …}
         self.measurements: dict[int, dict[str, float | None]] = {}
         self._decided: int | None = None
-        self._recovered = False
-        self._last: dict[str, Any] | None = None  # what the angle of the next cycle needs
+        self._last: dict[str, Any] | None = None  # what this cycle's angle needs at its end
+        self._cos: float | None = None  # the last completed cycle's angle (None: none)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -159,6 +161,22 @@ class DelayedCorrection(Correction):
                 return None
         return self.inner.prepare(host, level, target)
 
+    def end_cycle(self, host: CorrectionHost, cycle: int) -> None:
+        self._cos = self._cycle_cos(host) if self._last is not None else None
+        self._last = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"switched_at": self.switched_at, "reason": self.reason, "cos": self._cos,
+                "measurements": {k: dict(v) for k, v in self.measurements.items()},
+                "events": [list(e) for e in self.events]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.switched_at = state["switched_at"]
+        self.reason = state["reason"]
+        self._cos = state["cos"]
+        self.measurements = {int(k): dict(v) for k, v in state["measurements"].items()}
+        self.events = [(int(c), str(t)) for c, t in state["events"]]
+
     def describe(self) -> str:
         inner = self.inner.describe()
         if self.switched_at is None:
@@ -172,10 +190,7 @@ class DelayedCorrection(Correction):
             return self.inner.sample(host)
         return None if self.measure_fraction >= 1.0 else host.sample(self.measure_fraction)
 
-    def _decide(self, host: Any, finest: str, cycle: int) -> None:
-        if not self._recovered:
-            self._recovered = True
-            self._recover(host, cycle)
+    def _decide(self, host: CorrectionHost, finest: str, cycle: int) -> None:
         if self.switched_at is not None:
             return
         measured: dict[str, float | None] = {}
@@ -190,7 +205,7 @@ class DelayedCorrection(Correction):
         if need_gradient:
             g = [t.detach() for t in host.gradient(finest, self._measure_sample(host))]
         if self.angle_below is not None:
-            cos = self._last_cos(host, finest)
+            cos, self._cos = self._cos, None
             measured["cos"] = cos
             if cos is None:
                 waiting.append("cos n/a")
@@ -218,43 +233,41 @@ class DelayedCorrection(Correction):
         elif waiting and self.log_checks:
             self._record(host, finest, cycle, f"{WAITING} ({'; '.join(waiting)})")
 
-    def _restricted_norm(self, host: Any, finest: str, g: list[Tensor]) -> float:
+    def _restricted_norm(self, host: CorrectionHost, finest: str, g: list[Tensor]) -> float:
         """‖P*∇_L F_L‖_{L−1} (the next coarser level of this cycle's path), or ‖∇_L F_L‖_L."""
-        fine = host.levels[finest]
-        path = list(getattr(host, "path_k", None) or [finest])
+        fine = host.level(finest)
+        path = list(host.path)
         if len(path) < 2 or path[-1] != finest:
             return math.sqrt(fine.h) * norm(g) / fine.h
-        coarse = host.levels[path[-2]]
-        tr = host.c.transfer(path[-2], finest)
+        coarse = host.level(path[-2])
+        tr = host.transfer(path[-2], finest)
         with torch.no_grad():
             pstar = tr.adjoint(dict(zip(fine.names, [t / fine.h for t in g])))
         return math.sqrt(coarse.h) * norm([pstar[n] for n in coarse.names])
 
-    def _remember(self, host: Any, finest: str, g: list[Tensor]) -> None:
-        """What the next cycle needs to measure this cycle's angle."""
-        path = list(getattr(host, "path_k", None) or [finest])
+    def _remember(self, host: CorrectionHost, finest: str, g: list[Tensor]) -> None:
+        """What the end of this cycle needs to measure its angle."""
+        path = list(host.path)
         if len(path) < 2:
             self._last = None
             return
-        coarse = host.levels[path[-2]]
+        coarse = host.level(path[-2])
         self._last = {
-            "coarse": path[-2], "version": coarse.version,
-            "w0": [p.detach().clone() for p in host.levels[finest].params],
+            "coarse": path[-2], "finest": finest, "version": coarse.version,
+            "w0": [p.detach().clone() for p in host.level(finest).params],
             "g0": [t.clone() for t in g],
         }
 
-    def _last_cos(self, host: Any, finest: str) -> float | None:
-        """cos ∠(P(w_{L−1} − R w_{L,k−1,0}), −∇F_L(w_{L,k−1,0})) of the previous cycle."""
-        last, self._last = self._last, None
-        if last is None:
-            return None
-        coarse = host.levels[last["coarse"]]
+    def _cycle_cos(self, host: CorrectionHost) -> float | None:
+        """cos ∠(P(w_{L−1} − R w_{L,k,0}), −∇F_L(w_{L,k,0})) of the cycle that just ended."""
+        last = self._last
+        coarse = host.level(last["coarse"])
         if coarse.version == last["version"]:
             return None  # the coarse level was not visited (early termination)
-        fine = host.levels[finest]
-        tr = host.c.transfer(last["coarse"], finest)
+        fine = host.level(last["finest"])
+        tr = host.transfer(last["coarse"], last["finest"])
         with torch.no_grad():
-            start = tr.restrict(dict(zip(fine.names, last["w0"])))  # R w_{L,k−1,0}
+            start = tr.restrict(dict(zip(fine.names, last["w0"])))  # R w_{L,k,0}
             step = {n: p.detach() - start[n] for n, p in zip(coarse.names, coarse.params)}
             up = tr.prolongate(step)
             d = [up[n] for n in fine.names]
@@ -265,30 +278,9 @@ class DelayedCorrection(Correction):
 
     # ------------------------------------------------------------------ events
 
-    def _record(self, host: Any, finest: str, cycle: int, text: str) -> None:
+    def _record(self, host: CorrectionHost, finest: str, cycle: int, text: str) -> None:
         self.events.append((cycle, text))
-        write = getattr(host, "event", None) or getattr(host, "_event", None)
-        if callable(write):
-            write(finest, text)
-
-    def _recover(self, host: Any, cycle: int) -> None:
-        """A resumed run: the switch recorded in the metrics before this cycle still holds."""
-        out_dir = getattr(host, "out_dir", None)
-        if cycle == 0 or out_dir is None:
-            return
-        from .records import read_rows
-
-        try:
-            rows = read_rows(out_dir)
-        except Exception:
-            return
-        for row in rows:
-            event = str(row.get("event") or "")
-            c = row.get("cycle")
-            if event.startswith(SWITCHED) and isinstance(c, int) and c < cycle:
-                self.switched_at = c
-                self.reason = event[len(SWITCHED):].strip(" ()") or "resumed"
-                return
+        host.record(finest, text)
 
 
 def create_delayed(options: DelayedOptions) -> DelayedCorrection:

@@ -26,68 +26,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..schema import OptimizerSpec
 from . import distributed
+from .angle import AngleCheck
 from .corrections import LevelCorrection, snapshot_params
-from .objective import Objective, dot, norm
-
-# --------------------------------------------------------------------------- optimisers
-
-
-def make_optimizer(params: Sequence[Tensor], spec: OptimizerSpec, lr: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """SGD (± momentum, Nesterov), Adam or AdamW from ``mlsgd.optimizer`` for one level."""
-    foreach = True  # grouped kernels on CPU too (the default picks them on CUDA only)
-    if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum,
-                               nesterov=spec.nesterov and spec.momentum > 0,
-                               weight_decay=spec.weight_decay, foreach=foreach)
-    cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=tuple(spec.betas), eps=spec.eps,
-               weight_decay=spec.weight_decay, foreach=foreach)
-
-
-def first_moment_key(optimizer: torch.optim.Optimizer) -> str:
-    return "momentum_buffer" if isinstance(optimizer, torch.optim.SGD) else "exp_avg"
-
-
-def get_first_moment(optimizer: torch.optim.Optimizer,
-                     params: Sequence[Tensor]) -> list[Tensor] | None:
-    """The first moment (SGD momentum buffer / Adam exp_avg) per parameter, or None."""
-    key = first_moment_key(optimizer)
-    out = []
-    for p in params:
-        value = optimizer.state.get(p, {}).get(key)
-        if value is None:
-            return None
-        out.append(value)
-    return out
-
-
-def set_first_moment(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                     values: Sequence[Tensor]) -> bool:
-    """Overwrite the first moment. SGD: creates the buffer; Adam: only where a state exists
-    (a fresh Adam state has no second moment to go with it). Returns whether it was set."""
-    key = first_moment_key(optimizer)
-    if isinstance(optimizer, torch.optim.SGD):
-        if not optimizer.defaults.get("momentum"):
-            return False
-        for p, v in zip(params, values):
-            optimizer.state[p][key] = v.detach().clone()
-        return True
-    if any(key not in optimizer.state.get(p, {}) for p in params):
-        return False
-    for p, v in zip(params, values):
-        optimizer.state[p][key].copy_(v)
-    return True
-
+from .objective import Objective
+from .optim import make_optimizer
 
 # --------------------------------------------------------------------------- a level
 
@@ -130,10 +81,6 @@ class Level:
 
     # ------------------------------------------------------------------ weights
 
-    def param_dict(self) -> dict[str, Tensor]:
-        """Live parameters by name (no copy)."""
-        return dict(zip(self.names, self.params))
-
     def detached_params(self) -> list[Tensor]:
         return [p.detach().clone() for p in self.params]
 
@@ -171,50 +118,6 @@ class Level:
 # --------------------------------------------------------------------------- a visit
 
 
-class AngleCheck:
-    """(3.3): −⟨∇F_L(w_{L,k,0}), w̃^L − w_{L,k,0}⟩ ≥ μ ‖∇F_L‖ ‖w̃^L − w_{L,k,0}‖.
-
-    ``w̃^L − w_{L,k,0} = pending + P_{L←l}(w̃_l − w_{l,0})``; ``pending`` is the displacement of
-    the levels above (non-zero only when a level above has moved since it descended, e.g. the
-    second descent of a W-cycle).
-    """
-
-    def __init__(self, *, gradient: Sequence[Tensor], mu: float, every: int,
-                 prolongate: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None,
-                 level_names: Sequence[str], fine_names: Sequence[str],
-                 anchor: Sequence[Tensor], pending: Sequence[Tensor] | None = None) -> None:
-        self.gradient = list(gradient)
-        self.gnorm = norm(self.gradient)
-        self.mu = float(mu)
-        self.every = max(1, int(every))
-        self.prolongate = prolongate
-        self.level_names = list(level_names)
-        self.fine_names = list(fine_names)
-        self.anchor = list(anchor)
-        self.pending = list(pending) if pending is not None else None
-        self.last_cos: float | None = None
-
-    @torch.no_grad()
-    def displacement(self, params: Sequence[Tensor]) -> list[Tensor]:
-        d = torch._foreach_sub(list(params), self.anchor)
-        if self.prolongate is not None:
-            fine = self.prolongate(dict(zip(self.level_names, d)))
-            d = [fine[n] for n in self.fine_names]
-        if self.pending is not None:
-            d = torch._foreach_add(d, self.pending)
-        return d
-
-    def ok(self, params: Sequence[Tensor]) -> bool:
-        d = self.displacement(params)
-        dn = norm(d)
-        if dn == 0.0 or self.gnorm == 0.0:
-            self.last_cos = None
-            return True
-        cos = -dot(self.gradient, d) / (self.gnorm * dn)
-        self.last_cos = cos
-        return cos >= self.mu
-
-
 @dataclass
 class Visit:
     """What one visit of a level needs besides the level itself."""
@@ -236,6 +139,7 @@ class EpochStats:
     batches: int
     event: str = ""
     last: bool = False  # the visit's last epoch
+    global_epoch: float = 0.0  # the run's epochs over all levels after this one
 
 
 @dataclass
@@ -248,11 +152,46 @@ class VisitResult:
     stats: list[EpochStats] = field(default_factory=list)
 
 
-class Host:
-    """What a visit asks of the trainer (implemented by it; tests use a minimal one)."""
+class LevelHost(Protocol):
+    """What a visit asks of the runner (:class:`~mlsgd_dsl.runner.driver.Driver`; tests and
+    benchmarks use :class:`FixedHost`). The visit reads it and reports every epoch through
+    :meth:`epoch_end`; it never writes into it."""
 
-    generator: torch.Generator
-    global_epoch: float
+    @property
+    def generator(self) -> torch.Generator:
+        """The run's generator: batch order, augmentation draws."""
+
+    @property
+    def global_epoch(self) -> float:
+        """Epochs trained over all levels so far (the schedule's clock)."""
+
+    @property
+    def divergence_factor(self) -> float:
+        """An epoch whose mean loss exceeds this × the visit's starting loss diverged."""
+
+    def lr(self, base: float, epoch: float, step: float = 0.0) -> float:
+        """The learning rate at ``epoch`` (global epochs) for a level whose base rate is
+        ``base``; ``step`` is one batch's share of an epoch."""
+
+    def schedule_constant(self) -> bool:
+        """True when :meth:`lr` returns ``base`` throughout (no per-step update needed)."""
+
+    def deadline(self) -> float | None:
+        """``time.perf_counter()`` value after which the visit must stop (None: none)."""
+
+    def epoch_end(self, level: Level, stats: EpochStats) -> None:
+        """One (possibly partial) epoch of ``level`` ended; ``stats.global_epoch`` is the run's
+        epoch count after it."""
+
+
+class FixedHost:
+    """A :class:`LevelHost` with a constant rate and no deadline, counting epochs itself."""
+
+    def __init__(self, generator: torch.Generator | None = None, *,
+                 divergence_factor: float = 3.0) -> None:
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.global_epoch = 0.0
+        self.divergence_factor = divergence_factor
 
     def lr(self, base: float, epoch: float, step: float = 0.0) -> float:
         return base
@@ -261,13 +200,10 @@ class Host:
         return True
 
     def deadline(self) -> float | None:
-        """``time.perf_counter()`` value after which the visit must stop (None: none)."""
         return None
 
     def epoch_end(self, level: Level, stats: EpochStats) -> None:
-        pass
-
-    divergence_factor: float = 3.0
+        self.global_epoch = stats.global_epoch
 
 
 def _grads(params: Sequence[Tensor]) -> list[Tensor]:
@@ -279,7 +215,7 @@ def _grads(params: Sequence[Tensor]) -> list[Tensor]:
     return grads
 
 
-def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
+def train_visit(level: Level, visit: Visit, host: LevelHost) -> VisitResult:
     """Train ``level`` for ``visit.epochs`` epochs on H_l; Algorithm 5."""
     model, objective, params = level.model, level.objective, level.params
     data = level.data
@@ -404,7 +340,6 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
         # ---- end of the (partial) epoch: one host sync
         level.version += 1
         epoch_frac = done / nb_full
-        host.global_epoch = epoch0 + epoch_frac
         level.epochs_done += epoch_frac
         result.epochs += epoch_frac
         result.steps = step
@@ -424,7 +359,8 @@ def train_visit(level: Level, visit: Visit, host: Host) -> VisitResult:
         stats = EpochStats(visit_epoch=e + epoch_frac if epoch_frac < 1 else e + 1,
                            fraction=epoch_frac, loss=loss_value, acc=acc_value, lr=lr_now,
                            batches=done, event=event,
-                           last=diverged or result.status != "done" or e + 1 == n_epochs)
+                           last=diverged or result.status != "done" or e + 1 == n_epochs,
+                           global_epoch=epoch0 + epoch_frac)
         result.stats.append(stats)
         if diverged:
             level.load_state(start_state)

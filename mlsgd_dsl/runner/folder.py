@@ -1,0 +1,144 @@
+"""The run folder on disk: the resolved configuration, checkpoints and their reading on resume.
+
+Checkpoints are written atomically after every cycle (the one before is kept as
+``checkpoint.prev.pt``, used with a message when the newer one cannot be loaded). A checkpoint
+holds :data:`CHECKPOINT_FORMAT`; a file of another format is refused with one line (format 1,
+before the correction strategies' state was saved, cannot be resumed: the strategy's state is
+missing from it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunError
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    load_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
+
+#: 2: the correction strategy's ``state_dict()`` under ``"strategy"`` (1 had none)
+CHECKPOINT_FORMAT = 2
+
+
+def _toml_key(key: str) -> str:
+    if key and all(ch.isalnum() or ch in "_-" for ch in key):
+        return key
+    return json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}"
+                                for k, v in value.items() if v is not None) + " }"
+    return json.dumps(str(value))
+
+
+def toml_dumps(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    """A small TOML writer for resolved configurations (``None`` values are left out)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and value:
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(str(key))} = {_toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = ".".join(_toml_key(str(k)) for k in (*prefix, key))
+        body = toml_dumps(value, (*prefix, key))
+        out += ("\n\n" if out else "") + f"[{name}]" + ("\n" + body if body else "")
+    return out
+
+
+class RunFolder:
+    """``out_dir`` and what is written there besides the metrics (rank 0 only writes)."""
+
+    def __init__(self, out_dir: Path, *, is_main: bool, checkpoints: bool) -> None:
+        self.out_dir = Path(out_dir)
+        self.is_main = is_main
+        self.checkpoints = checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_NAME if self.checkpoints else None
+
+    def create(self) -> None:
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        atomic_write_bytes(self.out_dir / "resolved.json",
+                           (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(self.out_dir / "resolved.toml",
+                           (toml_dumps(cfg) + "\n").encode("utf-8"))
+
+    def save_checkpoint(self, payload: dict[str, Any]) -> None:
+        if self.checkpoints and self.is_main:
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME,
+                            {"format": CHECKPOINT_FORMAT, **payload})
+
+    def read_checkpoint(self, *, config_hash: str, force: bool) -> dict[str, Any]:
+        """``checkpoint.pt``, or ``checkpoint.prev.pt`` when the newer one cannot be loaded (a
+        message says so, and the bad file is set aside as ``checkpoint.pt.corrupt``)."""
+        run_dir = self.out_dir
+        if not run_dir.is_dir():
+            raise RunError(f"cannot resume: {run_dir} is not a run folder")
+        current = run_dir / CHECKPOINT_NAME
+        candidates = [p for p in (current, previous_path(current)) if p.is_file()]
+        if not candidates:
+            raise RunError("no checkpoint to resume from", file=str(run_dir))
+        failures: list[RunError] = []
+        for path in candidates:
+            try:
+                ck = load_checkpoint(path, map_location="cpu")
+            except RunError as exc:
+                failures.append(exc)
+                continue
+            break
+        else:
+            if len(failures) == 1:
+                raise failures[0]
+            raise RunError(f"neither {current.name} nor {candidates[1].name} can be loaded "
+                           f"({failures[0].message.split(';')[0]})", file=str(run_dir))
+        if failures:
+            print(f"mlsgd-dsl: warning: {failures[0].message.split(';')[0]} "
+                  f"({current}); resuming from {path.name} (after cycle "
+                  f"{ck.get('cycles_done')}), the copy before it", file=sys.stderr)
+            if current.is_file():
+                current.replace(current.with_name(current.name + ".corrupt"))
+        found = ck.get("format")
+        if found != CHECKPOINT_FORMAT:
+            older = isinstance(found, int) and found < CHECKPOINT_FORMAT
+            raise RunError(
+                f"checkpoint format {found!r} cannot be resumed by this mlsgd-dsl (it writes "
+                f"format {CHECKPOINT_FORMAT}"
+                + ("; older checkpoints lack the correction strategy's state — start the run "
+                   "again" if older else "") + ")", file=str(path))
+        if ck.get("config_hash") != config_hash and not force:
+            raise RunError(
+                f"the hierarchy changed since this checkpoint (config hash "
+                f"{ck.get('config_hash')} → {config_hash}); resume with --force to "
+                "continue anyway", file=str(path))
+        return ck
