@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 #: Version of the plugin API. A plugin states what it needs with ``MLSGD_DSL_API = ">=1.0"``
 #: (a module attribute next to its hook implementations); a plugin needing a newer major
-#: version is refused by name instead of failing later.
-API_VERSION = "1.0"
+#: version is refused by name instead of failing later. 1.1: event hooks receive a read-only
+#: ``RunView`` (``mlsgd_dsl.runner.events``) as ``run``, no longer the trainer.
+API_VERSION = "1.1"
 
 
 class NoOptions(BaseModel):

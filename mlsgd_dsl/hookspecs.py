@@ -8,18 +8,27 @@ the hooks below. Third-party plugins are found through the entry-point group ``m
 
 Registration hooks are called once, when the registry is built (before a hierarchy file is
 compiled); each returns a list of records from :mod:`mlsgd_dsl.api` and every returned name
-must be unique across all plugins. Event hooks are called by the runner while it trains; they
-must not modify what they receive. A module may state the API version it needs with
-``MLSGD_DSL_API = ">=1.0"``.
+must be unique across all plugins. Event hooks are called by the runner while it trains (rank
+0 only under torchrun), through pluggy's hook caller: ``tryfirst`` / ``trylast`` and wrappers
+work. Their ``run`` is a :class:`~mlsgd_dsl.runner.events.RunView` — a frozen snapshot of the
+run (level, cycle, epoch, latest metrics row, paths, configuration) with the finest network for
+read access; mappings they receive are read-only. A hook that raises ends the run with one
+line naming the plugin (exit code 2; after a completed cycle the run resumes with
+``--resume``). A module may state the API version it needs with ``MLSGD_DSL_API = ">=1.0"``
+(1.1 added the typed event view).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from .api import Architecture, Check, Coarsening, CorrectionStrategy, DataSource, TransferRule
+
+if TYPE_CHECKING:  # the runner imports torch: not needed to declare the hooks
+    from .runner.events import RunView
 
 PROJECT = "mlsgd_dsl"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -91,20 +100,43 @@ def mlsgd_checks() -> list[Check]:
 
 
 @hookspec
-def mlsgd_run_start(run: Any) -> None:
-    """Called once before the first training step, with the runner (config, out dir, levels)."""
+def mlsgd_run_start(run: RunView) -> None:
+    """Called once before the first training step (after the run folder is opened or the
+    checkpoint restored).
+
+    :param run: the run as it starts: ``run.out_dir``, ``run.config``, ``run.cycles`` planned,
+        ``run.cycles_done`` (> 0 when resumed), ``run.model`` the finest network.
+    """
 
 
 @hookspec
-def mlsgd_epoch_end(run: Any, record: dict) -> None:
-    """Called after every epoch of any level with the metrics row just written."""
+def mlsgd_epoch_end(run: RunView, record: Mapping[str, Any]) -> None:
+    """Called after every row written to the metrics: each (possibly partial) epoch of any
+    level, and event rows (``prolongated``, ``cycle``, ``early_stop:…``, a strategy's
+    events).
+
+    :param run: the run at that moment; ``run.level`` is the row's level.
+    :param record: the row just written, read-only, with the columns of ``metrics.csv``
+        (``cycle``, ``level``, ``visit_epoch``, ``epoch``, ``global_epoch``, ``lr``,
+        ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``wall_time``,
+        ``train_time``, ``event``); values not measured in that row are None.
+    """
 
 
 @hookspec
-def mlsgd_cycle_end(run: Any, cycle: int) -> None:
-    """Called after every completed cycle, after its checkpoint has been written."""
+def mlsgd_cycle_end(run: RunView, cycle: int) -> None:
+    """Called after every completed cycle, after its checkpoint has been written.
+
+    :param run: the run after the cycle (``run.cycles_done == cycle + 1``).
+    :param cycle: the cycle that completed (0-based).
+    """
 
 
 @hookspec
-def mlsgd_run_end(run: Any, summary: dict) -> None:
-    """Called once after training with the run summary (also on an early, clean stop)."""
+def mlsgd_run_end(run: RunView, summary: Mapping[str, Any]) -> None:
+    """Called once after training (also on an early, clean stop: time budget, divergence).
+
+    :param run: the run at its end (``run.stop_reason`` says why it stopped early, or None).
+    :param summary: the run summary, read-only: what ``summary.json`` holds (final train,
+        validation and test accuracy and loss, times, cycles, thresholds reached, …).
+    """

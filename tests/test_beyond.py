@@ -87,7 +87,7 @@ def test_the_optimiser_sees_the_corrected_gradient(tmp_path: Path, opt) -> None:
 
         lv.optimizer.step = spy
         corr = LevelCorrection(target=None, vector=vec) if vec is not None else None
-        train_visit(lv, Visit(epochs=1 / lv.batches_per_epoch, correction=corr), t)
+        train_visit(lv, Visit(epochs=1 / lv.batches_per_epoch, correction=corr), t.driver)
         assert len(seen) == 1
         return seen[0]
 

@@ -95,7 +95,7 @@ def _one_step(t, level, batch_fraction_epochs):
     before = lv.detached_params()
     visit = Visit(epochs=batch_fraction_epochs, correction=t.driver.state.corr[level],
                   anchor=t.driver.state.anchor[level], lam=t.driver.lam(level))
-    result = train_visit(lv, visit, t)
+    result = train_visit(lv, visit, t.driver)
     assert result.steps >= 1
     return before, lv.detached_params()
 

@@ -91,12 +91,7 @@ def _epoch_keys(rows: list[dict]) -> list[tuple]:
 def test_torchrun_two_processes_equal_one_process(run_cli, tmp_path: Path) -> None:
     single, multi = tmp_path / "single", tmp_path / "ddp"
     common = ["run", str(QUICKSTART), *_sets(SHRINK), "--quiet", "--no-validate"]
-    saved = torch.get_num_threads()
-    try:
-        rc, _, err = run_cli([*common, "--out", single])
-    finally:
-        torch.set_num_threads(saved)
-        torch.set_flush_denormal(False)
+    rc, _, err = run_cli([*common, "--out", single])
     assert rc == 0, err
 
     proc = _torchrun(["-m", "mlsgd_dsl", *common, "--out", str(multi)], cwd=tmp_path)
@@ -160,17 +155,12 @@ def train_float64(out_dir: str) -> None:
         Trainer(compiled, out_dir=out_dir, quiet=True, validate=False).fit()
     finally:
         torch.set_default_dtype(before)
-        torch.set_flush_denormal(False)
 
 
 @pytest.mark.slow
 def test_corrections_under_torchrun_equal_one_process_in_float64(tmp_path: Path) -> None:
     single, multi = tmp_path / "single", tmp_path / "ddp"
-    saved = torch.get_num_threads()
-    try:
-        train_float64(str(single))
-    finally:
-        torch.set_num_threads(saved)
+    train_float64(str(single))
     script = tmp_path / "train64.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
     _torchrun([str(script), str(multi)], cwd=tmp_path)

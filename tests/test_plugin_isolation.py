@@ -308,7 +308,7 @@ def test_plugin_needing_a_newer_api_is_refused(plugin) -> None:
     label = plugin("future_api")
     reg = build_registry()
     assert reg.broken["future_api"] == (f"{label}: needs plugin API >=2.0, this mlsgd-dsl "
-                                        "provides 1.0")
+                                        "provides 1.1")
     assert "future.copy" not in reg.names("transfer rules")
 
 

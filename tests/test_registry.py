@@ -115,7 +115,7 @@ def test_plugin_that_fails_to_import_is_named_and_the_rest_work(install_plugin, 
 def test_plugin_needing_a_newer_api_is_refused_by_name(install_plugin) -> None:
     install_plugin(plugin_source(api=">=2.0"))
     with pytest.warns(PluginWarning, match=r"plugin testplug \(testplugin 0.1\): needs plugin "
-                                           r"API >=2.0, this mlsgd-dsl provides 1.0"):
+                                           r"API >=2.0, this mlsgd-dsl provides 1.1"):
         reg = build_registry()
     assert "testplug.copy" not in reg.names("transfer rules")
     assert reg.manager.get_plugin("testplug") is None
@@ -123,7 +123,7 @@ def test_plugin_needing_a_newer_api_is_refused_by_name(install_plugin) -> None:
 
 @pytest.mark.parametrize(("need", "refused"), [
     (None, None), (">=1.0", None), ("==1.0", None), ("1.0", None), ("1", None),
-    (">=2.0", "needs plugin API >=2.0"), (">=1.1", "needs plugin API >=1.1"),
+    (">=2.0", "needs plugin API >=2.0"), (">=1.2", "needs plugin API >=1.2"),
     ("==0.9", "needs plugin API ==0.9"), ("banana", "which is not a version"),
 ])
 def test_api_requirements(need, refused) -> None:
