@@ -267,11 +267,12 @@ class MLSGDSpec(Strict):
 
 class ReportSpec(Strict):
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
-        default_factory=lambda: [0.5, 0.7, 0.8], max_length=32,
+        [0.5, 0.7, 0.8], max_length=32,
         description="Validation accuracies whose first-reach time the summary reports.")
     checkpoint: Literal["cycle", "none"] = Field("cycle", description="Checkpoint after every "
                                                  "cycle (atomic) or never.")
-    plot: bool = Field(True, description="Write accuracy_vs_time.png.")
+    plot: bool = Field(True, description="Write accuracy.png (accuracy against training "
+                                         "time).")
 
 
 class Hierarchy(Strict):

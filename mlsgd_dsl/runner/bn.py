@@ -1,11 +1,12 @@
 """BatchNorm statistics re-estimation after a prolongation.
 
 Right after a coarse step is prolongated, the running statistics of the level's BatchNorm
-layers belong to the weights before the step; evaluated with them the finest network scored at
-chance (DESIGN, measured facts). :func:`recalibrate` resets them and re-estimates them on a
-number of training images: forward passes in train mode without gradients, with
-``momentum=None`` (PyTorch's cumulative average, so every batch weighs the same). No
-augmentation is applied to these images.
+layers belong to the weights before the step; evaluated with them, the finest network of the
+Fashion-MNIST depth hierarchy scored at chance (validation 0.14), re-estimated on 2 000 training
+images 0.57 (2-core CPU; ``mlsgd.bn_recalibration = 0`` against the default shows it).
+:func:`recalibrate` resets them and re-estimates them on a number of training images: forward
+passes in train mode without gradients, with ``momentum=None`` (PyTorch's cumulative average,
+so every batch weighs the same). No augmentation is applied to these images.
 """
 
 from __future__ import annotations
