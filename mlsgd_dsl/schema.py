@@ -201,6 +201,14 @@ class EvalSpec(Strict):
     every: Literal["epoch", "level", "cycle"] = Field(
         "epoch", description="When the finest network is evaluated on the validation split.")
     batch_size: BatchSize = 1000
+    recalibrate: int = Field(
+        2000, ge=0, le=MAX_IMAGES, description="Training images on which the finest "
+        "network's BatchNorm statistics are re-estimated before an evaluation, checkpoint or "
+        "summary whenever its weights changed since the last estimate (0: use the running "
+        "statistics training left, which lag weights that moved fast).")
+    compare_running: bool = Field(
+        False, description="Also evaluate with the running statistics before re-estimating "
+        "them (metrics column val_acc_running; costs one more evaluation).")
 
 
 class MLSGDSpec(Strict):
@@ -267,11 +275,12 @@ class MLSGDSpec(Strict):
 
 class ReportSpec(Strict):
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
-        default_factory=lambda: [0.5, 0.7, 0.8], max_length=32,
+        [0.5, 0.7, 0.8], max_length=32,
         description="Validation accuracies whose first-reach time the summary reports.")
     checkpoint: Literal["cycle", "none"] = Field("cycle", description="Checkpoint after every "
                                                  "cycle (atomic) or never.")
-    plot: bool = Field(True, description="Write accuracy_vs_time.png.")
+    plot: bool = Field(True, description="Write accuracy.png (accuracy against training "
+                                         "time).")
 
 
 class Hierarchy(Strict):

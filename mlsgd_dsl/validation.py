@@ -200,6 +200,25 @@ def _function_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
                    f"relative output gap {gap:.2e} (prolongated coarse vs coarse network)")
 
 
+BATCHNORM_OFF = ("the finest network has BatchNorm layers and mlsgd.eval.recalibrate = 0: "
+                 "evaluations, checkpoints and the summary use the running statistics, which "
+                 "after a short visit at a high step can describe a far worse network than "
+                 "the weights (set it to e.g. 2000)")
+
+
+def _batchnorm_row(c: Compiled, report: Report) -> None:
+    """Warn when the finest network's BatchNorm statistics would be reported as training left
+    them: they lag weights that moved fast."""
+    if not any(name.endswith("running_mean") for name in c.nodes[c.finest].shapes):
+        return
+    images = c.hierarchy.mlsgd.eval.recalibrate
+    if images == 0:
+        report.add("batchnorm statistics", "warn", BATCHNORM_OFF)
+    else:
+        report.add("batchnorm statistics", "pass",
+                   f"re-estimated on {images:,} training images before every evaluation")
+
+
 def validate(c: Compiled, *, seed: int = 0) -> Report:
     """Run every check on a compiled hierarchy; ``report.ok`` is False when one fails."""
     report = Report()
@@ -236,6 +255,7 @@ def validate(c: Compiled, *, seed: int = 0) -> Report:
                            f"skipped: {type(exc).__name__} (out of memory for float64 checks?)")
     _path_rows(c, gen, report)
     _function_rows(c, gen, report)
+    _batchnorm_row(c, report)
     for name, entry in sorted(c.registry.items["checks"].items()):
         try:
             rows = list(entry.record.run(c))

@@ -156,6 +156,9 @@ class Driver:
                                   images=self.spec.bn_recalibration,
                                   batch_size=fl.batch_size, generator=self.generator):
                     fl.version += 1
+                    if fine == self.finest and \
+                            self.spec.bn_recalibration >= self.spec.eval.recalibrate:
+                        self.io.statistics_estimated(fl.version)  # as good as an evaluation's
         if moved and fine == self.finest and self.spec.eval.every in ("epoch", "level"):
             self.io.event(fine, "prolongated", evaluate=True)
 

@@ -4,24 +4,31 @@ and the progress bar (:class:`RunIO`).
 Rows: one per epoch of any level and one per event (``prolongated``, ``cycle``,
 ``early_stop:…``, a strategy's ``record``), written to ``metrics.csv`` / ``metrics.jsonl`` by
 rank 0 and shown to the ``mlsgd_epoch_end`` hooks. The finest network is evaluated on the
-validation split where ``mlsgd.eval.every`` says (at most once per weights version); evaluation,
-writing and the hooks are excluded from the training time.
+validation split where ``mlsgd.eval.every`` says (at most once per weights version), with its
+BatchNorm statistics re-estimated first (``mlsgd.eval.recalibrate``; see :mod:`.bn`);
+evaluation, re-estimation, writing and the hooks are excluded from the training time.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from . import distributed
+from . import bn, distributed
 from .clock import RunClock
 from .events import EventHooks, RunView, read_only
 from .folder import RunFolder
 from .level import EpochStats, Level
 from .records import MetricsLog
 from .state import Progress
+
+
+def _average_over_ranks(tensors: list[Tensor]) -> None:
+    distributed.all_reduce_(tensors, mean=True)
 
 
 class RunIO:
@@ -46,8 +53,13 @@ class RunIO:
         self.hooks = EventHooks(getattr(compiled, "registry", None), enabled=self.is_main)
         self.log: MetricsLog | None = None
         self.bar: Any = None
+        self.seed = h.mlsgd.seed
+        self.device = levels[self.finest].device
         self.last_val: tuple[float, float] | None = None
         self._version_evaluated = -1
+        self._stats_version = -1  # finest version whose BatchNorm statistics were estimated
+        self.bn_time = 0.0
+        self.bn_estimates = 0
         self._last_row: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -123,10 +135,42 @@ class RunIO:
         if fin.version == self._version_evaluated and self.last_val is not None:
             return
         with self.clock.excluded():
+            self.fresh_statistics(row)
             loss, acc = self.evaluate(fin, fin.data.val_x, fin.data.val_y)
         self.last_val = (loss, acc)
         self._version_evaluated = fin.version
         row["val_loss"], row["val_acc"] = loss, acc
+
+    def fresh_statistics(self, row: dict[str, Any] | None = None) -> None:
+        """Re-estimate the finest network's BatchNorm statistics if its weights changed since
+        they were last estimated (``eval.recalibrate`` images; collective under torchrun)."""
+        fin = self.levels[self.finest]
+        images = self.eval_spec.recalibrate
+        if images <= 0 or fin.version == self._stats_version or \
+                not bn.has_batchnorm(fin.model):
+            return
+        if row is not None and self.eval_spec.compare_running and len(fin.data.val_x):
+            row["val_acc_running"] = self.evaluate(fin, fin.data.val_x, fin.data.val_y)[1]
+        start = time.perf_counter()
+        # seeded by the global epoch (checkpointed), so a resumed run draws the same images
+        gen = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + round(self.progress.global_epoch * 1000))
+        cuda = [self.device] if self.device.type == "cuda" else []
+        world = distributed.world_size()
+        with torch.random.fork_rng(devices=cuda), distributed.local_batchnorm(fin.model):
+            bn.recalibrate(fin.model, fin.data.train_x, images=images,
+                           batch_size=fin.batch_size, generator=gen,
+                           shard=(distributed.rank(), world),
+                           reduce=_average_over_ranks if world > 1 else None)
+        fin.version += 1  # the buffers changed (gradient passes may use running statistics)
+        self._stats_version = fin.version
+        self.bn_time += time.perf_counter() - start
+        self.bn_estimates += 1
+
+    def statistics_estimated(self, version: int) -> None:
+        """The finest network's statistics were just re-estimated at least as well as
+        :meth:`fresh_statistics` would (after a prolongation): no second estimate needed."""
+        self._stats_version = version
 
     def evaluate(self, lv: Level, x: Tensor, y: Tensor) -> tuple[float, float]:
         """(mean loss, accuracy) of ``lv``'s model; distributed: each rank a contiguous shard,

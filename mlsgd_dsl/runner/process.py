@@ -1,9 +1,9 @@
 """The process-wide settings of a run, entered and restored as one (:class:`RunProcess`).
 
 A run changes four things that belong to the whole Python process: torch's intra-op thread
-count (``mlsgd.threads``), flush-denormal (on: a freshly initialised network evaluates about
-13x slower with denormal floats on CPU — time ``benchmarks/overhead.py`` with and without
-``torch.set_flush_denormal(True)`` to re-measure), the global random generators (Python
+count (``mlsgd.threads``), flush-denormal (on: evaluating a freshly initialised network ran 13x
+slower on a 2-core x86 CPU without flushing; time one evaluation with and without to
+re-measure), the global random generators (Python
 ``random``, torch CPU and CUDA; seeded with ``mlsgd.seed``) and, under torchrun, the process
 group. :class:`RunProcess` sets them on entry and puts the caller's values back on exit, so
 constructing a :class:`~mlsgd_dsl.runner.run.Trainer`, a failed validation or a finished run

@@ -21,7 +21,7 @@ from mlsgd_dsl.errors import RunError, UserError
 
 COLUMNS: tuple[str, ...] = (
     "cycle", "level", "visit_epoch", "epoch", "global_epoch", "lr", "train_loss", "train_acc",
-    "val_loss", "val_acc", "wall_time", "train_time", "event",
+    "val_loss", "val_acc", "wall_time", "train_time", "event", "val_acc_running",
 )
 CSV_NAME = "metrics.csv"
 JSONL_NAME = "metrics.jsonl"
