@@ -169,3 +169,38 @@ def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tmp_path: Path) 
     message = str(err.value)
     assert "checkpoint format 1 cannot be resumed" in message and "\n" not in message
     assert "strategy's state" in message
+
+
+EVENT_HOOKS = ("mlsgd_run_start", "mlsgd_epoch_end", "mlsgd_cycle_end", "mlsgd_run_end")
+
+
+@pytest.mark.parametrize("name", EVENT_HOOKS)
+def test_every_event_hook_parameter_is_typed_and_documented(name) -> None:
+    import inspect
+
+    from mlsgd_dsl import hookspecs
+
+    spec = getattr(hookspecs, name)
+    doc = inspect.getdoc(spec)
+    for param in inspect.signature(spec).parameters.values():
+        assert param.annotation not in (inspect.Parameter.empty, "Any"), param
+        assert f":param {param.name}:" in doc, (name, param.name)
+    assert inspect.signature(spec).parameters["run"].annotation == "RunView"
+
+
+def test_plugins_doc_lists_every_field_of_the_view() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text("utf-8")
+    table = doc[doc.index("| field | meaning |"):]
+    table = table[:table.index("\n\n")]
+    for field in dataclasses.fields(RunView):
+        assert f"`{field.name}`" in table, field.name
+
+
+def test_plugins_doc_lists_every_member_of_the_strategy_host() -> None:
+    from mlsgd_dsl.runner.corrections import CorrectionHost
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text("utf-8")
+    table = doc[doc.index("| member | what it gives |"):]
+    table = table[:table.index("\n\n")]
+    for member in (n for n in vars(CorrectionHost) if not n.startswith("_")):
+        assert f"host.{member}" in table, member
