@@ -131,6 +131,8 @@ def test_event_hooks_get_a_read_only_view_through_pluggy(tmp_path: Path) -> None
         view.cycle = 0  # type: ignore[misc]
     with pytest.raises(TypeError):
         view.config["name"] = "x"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        view.config["mlsgd"]["cycles"] = 9  # type: ignore[index]
 
 
 def test_a_raising_hook_is_named_among_several(tmp_path: Path) -> None:
@@ -204,3 +206,14 @@ def test_plugins_doc_lists_every_member_of_the_strategy_host() -> None:
     table = table[:table.index("\n\n")]
     for member in (n for n in vars(CorrectionHost) if not n.startswith("_")):
         assert f"host.{member}" in table, member
+
+
+def test_the_driver_implements_the_declared_hosts(tmp_path: Path) -> None:
+    from mlsgd_dsl.runner.corrections import CorrectionHost, LevelView
+    from mlsgd_dsl.runner.level import FixedHost, LevelHost
+
+    t = trainer(tmp_path, FAST)
+    for protocol, obj in ((CorrectionHost, t.driver), (LevelHost, t.driver),
+                          (LevelHost, FixedHost()), (LevelView, t.levels["fine"])):
+        for member in (n for n in vars(protocol) if not n.startswith("_")):
+            assert hasattr(obj, member), (protocol.__name__, member)

@@ -69,6 +69,15 @@ def read_only(mapping: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return None if mapping is None else MappingProxyType(dict(mapping))
 
 
+def frozen(value: Any) -> Any:
+    """A deep read-only copy of a JSON-like value: mappings → mappingproxy, lists → tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(frozen(v) for v in value)
+    return value
+
+
 def plugin_label(registry: Any, impl: Any) -> str:
     """``plugin NAME (DIST VERSION)`` of a hook implementation, from the registry's records."""
     from ..registry import Entry, _dist_of
@@ -106,6 +115,10 @@ class EventHooks:
     def __init__(self, registry: Any, *, enabled: bool = True) -> None:
         self.registry = registry
         self.relay = registry.hook() if registry is not None and enabled else None
+
+    def wanted(self, hook_name: str) -> bool:
+        """Whether any plugin implements ``hook_name`` (no view is built otherwise)."""
+        return self.relay is not None and bool(getattr(self.relay, hook_name).get_hookimpls())
 
     def emit(self, hook_name: str, *, resume_hint: str = "", **kwargs: Any) -> None:
         """Call ``hook_name`` with ``kwargs``; an exception → :class:`PluginFailure`."""

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import bn, distributed
 from .clock import RunClock
-from .events import EventHooks, RunView, read_only
+from .events import EventHooks, RunView, frozen, read_only
 from .folder import RunFolder
 from .level import EpochStats, Level
 from .records import MetricsLog
@@ -32,6 +32,10 @@ def _average_over_ranks(tensors: list[Tensor]) -> None:
 
 
 class RunIO:
+    """Owns the metrics log, the clocks, the event hooks, the progress bar and what evaluation
+    remembers (the last validation values, which weights version was evaluated and whose
+    BatchNorm statistics were re-estimated). Reads the run's :class:`Progress` and levels."""
+
     def __init__(self, *, compiled: Any, folder: RunFolder, progress: Progress,
                  levels: dict[str, Level], n_cycles: int, config: dict[str, Any],
                  config_hash: str, quiet: bool) -> None:
@@ -46,7 +50,7 @@ class RunIO:
         self.levels = levels
         self.finest = compiled.finest
         self.n_cycles = n_cycles
-        self.config = read_only(config)
+        self.config = frozen(config)
         self.config_hash = config_hash
         self.quiet = quiet
         self.clock = RunClock()
@@ -124,7 +128,8 @@ class RunIO:
             if self.log is not None:
                 self.log.append(row)
             self._last_row = row
-            self.emit("mlsgd_epoch_end", record=read_only(row))
+            if self.hooks.wanted("mlsgd_epoch_end"):
+                self.emit("mlsgd_epoch_end", record=read_only(row))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -204,7 +209,7 @@ class RunIO:
     def emit(self, hook_name: str, **kwargs: Any) -> None:
         """Call an event hook with the view as ``run`` (rank 0); one that raises ends the run
         with :class:`~mlsgd_dsl.errors.PluginFailure` naming the plugin."""
-        if self.hooks.relay is None:
+        if not self.hooks.wanted(hook_name):
             return
         hint = ""
         if hook_name in ("mlsgd_epoch_end", "mlsgd_cycle_end") and self.folder.checkpoints:
