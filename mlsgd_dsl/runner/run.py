@@ -44,10 +44,10 @@ report of the runner's author):
   running averages a short visit at a high step leaves behind can be far off (a reported 0.135
   against 0.717 for the same weights, :mod:`mlsgd_dsl.runner.bn`). The images are drawn by a
   generator seeded from ``seed`` and the global epoch (so a resumed run draws the same ones),
-  the global RNG is left untouched, and under torchrun each rank passes its share and the
-  statistics are averaged. Training itself uses batch statistics, so the weights do not depend
-  on it. Its time is excluded from training time, like evaluation, and reported in the
-  summary (``bn_estimates``, ``bn_time``).
+  the global RNG is left untouched, and under torchrun each rank passes its share of the
+  batches and the statistics are combined (the same as one process computes). Training
+  itself uses batch statistics, so the weights do not depend on it. Its time is excluded
+  from training time, like evaluation, and reported in the summary (``bn_estimates``, ``bn_time``).
 * ``optimizer_state = "transfer"`` treats the first moment as a step-like (primal) vector:
   ``R`` on the way down, ``P`` on the way up, replacing the receiving level's first moment;
   the rest of the state is kept per level (Adam's first moment is only set where the level
@@ -210,8 +210,8 @@ def _plugin_label(compiled: Any, impl: Any) -> str:
     return f"plugin {name} (registered at run time from {module})"
 
 
-def _average_over_ranks(tensors: list[Tensor]) -> None:
-    distributed.all_reduce_(tensors, mean=True)
+def _sum_over_ranks(tensors: list[Tensor]) -> None:
+    distributed.all_reduce_(tensors)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -519,7 +519,7 @@ class Trainer:
             bn.recalibrate(fin.model, fin.data.train_x, images=images,
                            batch_size=fin.batch_size, generator=gen,
                            shard=(self.rank, self.world),
-                           reduce=_average_over_ranks if self.world > 1 else None)
+                           reduce=_sum_over_ranks if self.world > 1 else None)
         fin.version += 1  # the buffers changed (gradient passes may use running statistics)
         self._stats_version = fin.version
         self.bn_time += time.perf_counter() - start
