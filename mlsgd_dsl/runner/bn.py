@@ -42,9 +42,11 @@ def recalibrate(model: nn.Module, x: Tensor, *, images: int, batch_size: int,
                 reduce: Callable[[list[Tensor]], None] | None = None) -> bool:
     """Re-estimate the running statistics on ``images`` random images of ``x``.
 
-    Distributed (``shard = (rank, world)``, ``reduce`` averaging tensors over the ranks): every
-    rank draws the same images (same ``generator`` state), passes its share of them, and the
-    per-rank averages are then averaged, so every rank ends with the same statistics.
+    Distributed (``shard = (rank, world)``, ``reduce`` summing tensors over the ranks in
+    place): every rank draws the same images (same ``generator`` state) and passes every
+    ``world``-th batch of them; the per-rank averages, weighted by their batch counts, are
+    then combined, so every rank ends with the statistics one process computes (up to the
+    order of the additions) at 1/``world`` of the cost.
 
     Returns False (and changes nothing) when the model has no BatchNorm or ``images`` is 0.
     """
@@ -54,9 +56,11 @@ def recalibrate(model: nn.Module, x: Tensor, *, images: int, batch_size: int,
     n = min(int(images), len(x))
     device = generator.device if generator is not None else torch.device("cpu")
     idx = torch.randperm(len(x), generator=generator, device=device)[:n].to(x.device)
+    step = max(2, int(batch_size))
+    batches = [idx[i:i + step] for i in range(0, n, step)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()  # a single image gives no variance
     rank, world = shard
-    if world > 1:
-        idx = idx[rank::world]
     momenta = [m.momentum for m in layers]
     was_training = model.training
     try:
@@ -64,17 +68,31 @@ def recalibrate(model: nn.Module, x: Tensor, *, images: int, batch_size: int,
             m.reset_running_stats()
             m.momentum = None  # cumulative moving average over the batches below
         model.train()
-        step = max(2, int(batch_size))
-        for start in range(0, n, step):
-            chunk = idx[start:start + step]
-            if len(chunk) < 2 and start > 0:
-                break  # a single image gives no variance
+        for chunk in batches[rank::world]:
             model(x[chunk])
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         model.train(was_training)
     if reduce is not None and world > 1:
-        reduce([t for m in layers for t in (m.running_mean, m.running_var)
-                if t is not None])
+        _combine(layers, reduce)
     return True
+
+
+def _combine(layers: list[_BatchNorm], reduce: Callable[[list[Tensor]], None]) -> None:
+    """Batch-count-weighted average of the ranks' cumulative averages (sums over ranks)."""
+    stats = [t for m in layers for t in (m.running_mean, m.running_var) if t is not None]
+    counts = [m.num_batches_tracked for m in layers]
+    weights = [c.to(stats[0].dtype).reshape(()) for m, c in zip(layers, counts)
+               for t in (m.running_mean, m.running_var) if t is not None]
+    for t, w in zip(stats, weights):
+        t.mul_(w)
+    total = torch.stack([c.to(stats[0].dtype).reshape(()) for c in counts])
+    reduce([*stats, total])
+    it = iter(total.tolist())
+    for m in layers:
+        batches = max(next(it), 1.0)
+        for t in (m.running_mean, m.running_var):
+            if t is not None:
+                t.div_(batches)
+        m.num_batches_tracked.fill_(int(batches))

@@ -27,8 +27,8 @@ from .records import MetricsLog
 from .state import Progress
 
 
-def _average_over_ranks(tensors: list[Tensor]) -> None:
-    distributed.all_reduce_(tensors, mean=True)
+def _sum_over_ranks(tensors: list[Tensor]) -> None:
+    distributed.all_reduce_(tensors)
 
 
 class RunIO:
@@ -166,7 +166,7 @@ class RunIO:
             bn.recalibrate(fin.model, fin.data.train_x, images=images,
                            batch_size=fin.batch_size, generator=gen,
                            shard=(distributed.rank(), world),
-                           reduce=_average_over_ranks if world > 1 else None)
+                           reduce=_sum_over_ranks if world > 1 else None)
         fin.version += 1  # the buffers changed (gradient passes may use running statistics)
         self._stats_version = fin.version
         self.bn_time += time.perf_counter() - start

@@ -54,10 +54,10 @@ report of the runner's author):
   running averages a short visit at a high step leaves behind can be far off (a reported 0.135
   against 0.717 for the same weights, :mod:`mlsgd_dsl.runner.bn`). The images are drawn by a
   generator seeded from ``seed`` and the global epoch (so a resumed run draws the same ones),
-  the global RNG is left untouched, and under torchrun each rank passes its share and the
-  statistics are averaged. Training itself uses batch statistics, so the weights do not depend
-  on it. Its time is excluded from training time, like evaluation, and reported in the
-  summary (``bn_estimates``, ``bn_time``).
+  the global RNG is left untouched, and under torchrun each rank passes its share of the
+  batches and the statistics are combined (the same as one process computes). Training
+  itself uses batch statistics, so the weights do not depend on it. Its time is excluded
+  from training time, like evaluation, and reported in the summary (``bn_estimates``, ``bn_time``).
 * ``optimizer_state = "transfer"`` treats the first moment as a step-like (primal) vector:
   ``R`` on the way down, ``P`` on the way up, replacing the receiving level's first moment;
   the rest of the state is kept per level (Adam's first moment is only set where the level
