@@ -4,7 +4,7 @@ For every level of the hierarchy, in one process and interleaved (runner epoch, 
 order alternating from repetition to repetition):
 
 * **runner**: the runner's level solver — ``Level.new_optimizer()`` + ``train_visit(level,
-  Visit(epochs=1))``, exactly what ``Trainer.smooth`` runs for one visit of one epoch (batches
+  Visit(epochs=1))``, exactly what ``Driver.smooth`` runs for one visit of one epoch (batches
   from a seeded permutation, augmentation on whole batches, ℓ2 and smoothness terms, loss and
   accuracy accumulated on the device, the divergence check); no correction;
 * **plain**: a hand-written PyTorch loop over the same model (a copy), the same in-memory
