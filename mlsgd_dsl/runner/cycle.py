@@ -29,7 +29,8 @@ from typing import Protocol
 
 
 class CycleDriver(Protocol):
-    """What the recursion calls; the trainer implements it (and tests use a recorder)."""
+    """What the recursion calls; :class:`~mlsgd_dsl.runner.driver.Driver` implements it (and
+    tests use a recorder)."""
 
     def descend(self, fine: str, coarse: str) -> bool:
         """Restrict the iterate of ``fine`` to ``coarse`` and set up ``coarse``'s objective;
