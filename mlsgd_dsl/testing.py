@@ -13,7 +13,7 @@ and runs, in float64 on seeded random inputs, the same rows ``mlsgd-dsl validate
 rule — shapes of ``P`` and ``R``, ``R∘P = I`` (when the operator promises it with
 ``left_inverse = True``), the closed-form ``Pᵀ`` against autograd's vector-Jacobian product of
 ``P`` and the adjoint identity ``h_fine⟨P x, y⟩ = h_coarse⟨x, P* y⟩`` — plus linearity of
-``P``, ``R`` and ``Pᵀ``. :func:`assert_rule_coherent` raises :class:`AssertionError` listing the
+``P``, ``R`` and ``Pᵀ`` and that none of them writes into its input. :func:`assert_rule_coherent` raises :class:`AssertionError` listing the
 failing rows. :func:`check_hierarchy` loads, compiles and validates a whole file.
 """
 
@@ -92,37 +92,6 @@ def bind_rule(rule: TransferRule | str, coarse: Mapping[str, Shape], fine: Mappi
     return record.bind(spec, _options(record, options))
 
 
-def _linearity_rows(name: str, label: str, op: GroupOperator, gen: torch.Generator
-                    ) -> list[CheckRow]:
-    """P, R and Pᵀ must be linear: f(a·x + b·y) = a·f(x) + b·f(y)."""
-    a, b = 0.7, -1.3
-    maps: list[tuple[str, Callable[[dict[str, Tensor]], dict[str, Tensor]],
-                     Mapping[str, torch.Size]]] = [
-        ("P", op.prolongate, op.spec.coarse),
-        ("R", op.restrict, op.spec.fine),
-        ("Pᵀ", op.transpose, op.spec.fine),
-    ]
-    worst, where = 0.0, ""
-    for map_name, f, shapes in maps:
-        x, y = _random(shapes, gen), _random(shapes, gen)
-        try:
-            mixed = f({n: a * x[n] + b * y[n] for n in x})
-            fx, fy = f(x), f(y)
-            diff = {n: mixed[n] - (a * fx[n] + b * fy[n]) for n in mixed}
-        except Exception as exc:
-            return [CheckRow(f"{name}: linearity", "fail",
-                             f"{label}: {map_name} raised {type(exc).__name__}: {exc}")]
-        scale = max(_norm(mixed), abs(a) * _norm(fx) + abs(b) * _norm(fy), 1e-300)
-        err = _norm(diff) / scale
-        if err >= worst:
-            worst, where = err, map_name
-    if worst < TOL:
-        return [CheckRow(f"{name}: linearity", "pass",
-                         f"P, R, Pᵀ linear (worst relative error {worst:.1e})")]
-    return [CheckRow(f"{name}: linearity", "fail",
-                     f"{label}: {where} is not linear (relative error {worst:.1e})")]
-
-
 def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
                fine: Mapping[str, Shape], *,
                options: BaseModel | Mapping[str, Any] | None = None, h_coarse: float = 1.0,
@@ -135,8 +104,10 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     ``coarse`` / ``fine`` map tensor names to shapes (what the rule's pattern would match on
     the two levels). A bind error is a ``fail`` row (``bind``), not an exception, so a test can
     also assert that a rule *refuses* shapes it does not support. Rows, in order: ``bind``,
-    ``shapes``, ``R∘P = I``, ``adjoint`` (Pᵀ vs autograd and the inner-product identity with
-    ``P* = (h_fine/h_coarse)·Pᵀ``), ``linearity``. Every row's status is ``pass`` / ``fail``.
+    ``shapes``, ``R∘P = I``, ``linearity`` (of P, R and Pᵀ), ``adjoint`` (Pᵀ vs autograd and
+    the inner-product identity with ``P* = (h_fine/h_coarse)·Pᵀ``; left out when a map is not
+    linear). A map that writes into its input gets an ``inputs`` row instead of the rows after
+    ``shapes``. Every row's status is ``pass`` / ``fail``.
     """
     record, entry = _resolve(rule, registry)
     label = entry.label() if entry is not None else f"rule {record.name}"
@@ -170,8 +141,6 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     gen = torch.Generator().manual_seed(seed)
     _group_rows(compiled, edge, edge.params[0], gen, report)  # type: ignore[arg-type]
     rows.extend(report.rows)
-    if any(r.name.endswith(": shapes") and r.status == "pass" for r in report.rows):
-        rows.extend(_linearity_rows(prefix, label, op, gen))
     return rows
 
 

@@ -22,6 +22,7 @@ from .api import CheckRow, GroupOperator
 from .compiler import Compiled
 from .errors import UserError
 from .operators import BoundGroup, EdgeTransfer
+from .registry import Entry
 
 TOL = 1e-9  # float64 round-off allowance, relative
 MAX_CHECKED_PARAMETERS = 5_000_000  # float64 model copies above this are not worth the memory
@@ -69,8 +70,49 @@ def _label(c: Compiled, group: BoundGroup) -> str:
     return entry.label() if entry else f"rule {group.rule}"
 
 
+def _in_place(op: GroupOperator, x: Mapping[str, Tensor], y: Mapping[str, Tensor]
+              ) -> str | None:
+    """Name the map (and tensor) that changes its input, or None.
+
+    Checked first, on copies, so that a map writing into its input is named as such instead of
+    surfacing later as a wrong transpose or a failed ``R∘P = I`` on corrupted inputs.
+    """
+    for map_name, f, given in (("P", op.prolongate, x), ("R", op.restrict, y),
+                               ("Pᵀ", op.transpose, y)):
+        copies = {n: t.clone() for n, t in given.items()}
+        f(copies)
+        changed = [n for n in given if not torch.equal(copies[n], given[n])]
+        if changed:
+            return f"{map_name} modifies its input in place ({', '.join(changed[:3])} changed)"
+    return None
+
+
+def _linearity(op: GroupOperator, gen: torch.Generator) -> tuple[float, str]:
+    """Worst relative error of f(a·x + b·y) = a·f(x) + b·f(y) over P, R, Pᵀ, and where."""
+    a, b = 0.7, -1.3
+    worst, where = 0.0, ""
+    for map_name, f, shapes in (("P", op.prolongate, op.spec.coarse),
+                                ("R", op.restrict, op.spec.fine),
+                                ("Pᵀ", op.transpose, op.spec.fine)):
+        x, y = _random(shapes, gen), _random(shapes, gen)
+        mixed = f({n: a * x[n] + b * y[n] for n in x})
+        fx, fy = f(x), f(y)
+        diff = {n: mixed[n] - (a * fx[n] + b * fy[n]) for n in mixed}
+        scale = max(_norm(mixed), abs(a) * _norm(fx) + abs(b) * _norm(fy), 1e-300)
+        err = _norm(diff) / scale
+        if err >= worst:
+            worst, where = err, map_name
+    return worst, where
+
+
 def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.Generator,
                 report: Report) -> None:
+    """Rows of one bound rule: shapes, R∘P = I, linearity, adjoint.
+
+    A map that writes into its input gets an ``inputs`` row and nothing else is checked; a
+    non-linear map gets a failing ``linearity`` row and no ``adjoint`` row (a transpose only
+    exists for a linear P, so "wrong P*" would blame the wrong thing).
+    """
     op: GroupOperator = group.operator
     spec = op.spec
     name = f"{edge.coarse}->{edge.fine} {group.pattern} [{group.rule}]"
@@ -98,6 +140,16 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
                    + "; ".join(bad[:3]))
         return
     try:
+        changed = _in_place(op, x, y)
+    except Exception as exc:
+        report.add(f"{name}: adjoint", "fail",
+                   f"{_label(c, group)}: transpose raised {type(exc).__name__}: {exc}")
+        return
+    if changed:
+        report.add(f"{name}: inputs", "fail", f"{_label(c, group)}: {changed}; P, R and Pᵀ "
+                   "must return new tensors")
+        return
+    try:
         pty = op.transpose(y)
         pty_auto = GroupOperator.transpose(op, y)
     except Exception as exc:
@@ -112,15 +164,25 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
         return
     report.add(f"{name}: shapes", "pass", f"{len(floats_c)} coarse / {len(floats_f)} fine "
                "tensors")
+    rpx = op.restrict(px)
+    err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
     if op.left_inverse:
-        rpx = op.restrict(px)
-        err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
         report.add(f"{name}: R∘P = I", "pass" if err < TOL else "fail",
                    f"relative error {err:.1e}")
     else:
-        rpx = op.restrict(px)
-        err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
         report.add(f"{name}: R∘P = I", "pass", f"not promised by the rule ({err:.2f})")
+    try:
+        worst, where = _linearity(op, gen)
+    except Exception as exc:
+        report.add(f"{name}: linearity", "fail",
+                   f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
+        return
+    if worst >= TOL:
+        report.add(f"{name}: linearity", "fail", f"{_label(c, group)}: {where} is not linear "
+                   f"(relative error {worst:.1e})")
+        return
+    report.add(f"{name}: linearity", "pass",
+               f"P, R, Pᵀ linear (worst relative error {worst:.1e})")
     # h_fine <P x, y> = h_coarse <x, P* y>, with P* = (h_fine/h_coarse) Pᵀ from the rule's
     # own transpose; autograd's vector-Jacobian product of P is the reference Pᵀ.
     scale = edge.h_fine / edge.h_coarse
@@ -200,14 +262,37 @@ def _function_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
                    f"relative output gap {gap:.2e} (prolongated coarse vs coarse network)")
 
 
+def _provider_rows(c: Compiled, report: Report) -> None:
+    """Which distribution (and version) provides each named component the file uses."""
+    rules: dict[str, Entry] = {}
+    for key, value in c.plugin_options().items():
+        if key[:1] == ("transfer",) or key[:1] == ("edges",):
+            entry = value[0]
+            rules[entry.record.name] = entry
+    for name, entry in sorted(rules.items()):
+        report.add(f"rule {name}", "pass", f"{entry.provider()} (plugin {entry.plugin})")
+    used = [("family", n.family) for n in c.nodes.values()]
+    used += [("coarsening", e) for n in c.nodes.values() for e, _ in n.coarsen]
+    used.append(("data source", c.registry.get("data sources", c.hierarchy.data.source)))
+    used.append(("correction", c.plugin_options()[("mlsgd", "correction")][0]))
+    shown = dict.fromkeys(f"{what} {e.record.name}: {e.provider()}" for what, e in used)
+    report.add("other plugins", "pass", "; ".join(shown))
+
+
 def validate(c: Compiled, *, seed: int = 0) -> Report:
-    """Run every check on a compiled hierarchy; ``report.ok`` is False when one fails."""
+    """Run every check on a compiled hierarchy; ``report.ok`` is False when one fails.
+
+    Raises :class:`~mlsgd_dsl.errors.PluginFailure` when the correction strategy's ``create``
+    returns something that is not a strategy (the runner would fail on it later).
+    """
     report = Report()
     h = c.hierarchy
+    c.correction()  # checked where it enters: a wrong kind of object is a PluginFailure
     report.add("references", "pass",
                f"{len(c.nodes)} levels, {c.graph.number_of_edges()} edges; data "
                f"{h.data.source!r}; families "
                f"{sorted({n.family.record.name for n in c.nodes.values()})}")
+    _provider_rows(c, report)
     report.add("graph", "pass", f"acyclic, connected, finest level {c.finest!r}; "
                f"cycle path(s): {' | '.join('->'.join(p) for p in c.paths)}")
     for coarse, fine in c.graph.edges:
