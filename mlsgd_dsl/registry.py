@@ -14,7 +14,6 @@ silently would run the other package's code under a name the user chose for the 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -140,7 +139,6 @@ class Registry:
         return self.manager.hook
 
 
-@functools.lru_cache(maxsize=1)
 def _packages_distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 

@@ -11,7 +11,9 @@ PyAMG's per-level options.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import datetime
+import json
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -38,6 +40,27 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Epochs = Annotated[float, Field(gt=0, le=MAX_EPOCHS, allow_inf_nan=False)]
 LearningRate = Annotated[float, Field(gt=0, le=1e3, allow_inf_nan=False)]
 BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime.date | datetime.time):  # TOML dates: as their text
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not a TOML value")
+
+
+def validate_strict(model: type[M], data: Any) -> M:
+    """Validate TOML data with ``model`` without coercions the user did not mean.
+
+    Pydantic's strict mode, on the data as JSON (where an array is a valid tuple): a boolean is
+    not a number (``cycles = true``), a string is not a number (``seed = "3"``) and a float is
+    not an integer, while an integer is still a valid float (``lr = 1``). Used for the core
+    schema and every plugin's options alike.
+    """
+    text = json.dumps(data, default=_json_value, allow_nan=True, ensure_ascii=False)
+    return model.model_validate_json(text, strict=True)
 
 
 class Strict(BaseModel):

@@ -13,25 +13,26 @@ and runs, in float64 on seeded random inputs, the same rows ``mlsgd-dsl validate
 rule — shapes of ``P`` and ``R``, ``R∘P = I`` (when the operator promises it with
 ``left_inverse = True``), the closed-form ``Pᵀ`` against autograd's vector-Jacobian product of
 ``P`` and the adjoint identity ``h_fine⟨P x, y⟩ = h_coarse⟨x, P* y⟩`` — plus linearity of
-``P``, ``R`` and ``Pᵀ`` and that none of them writes into its input. :func:`assert_rule_coherent` raises :class:`AssertionError` listing the
+``P``, ``R`` and ``Pᵀ`` and that none of them writes into its input.
+:func:`assert_rule_coherent` raises :class:`AssertionError` listing the
 failing rows. :func:`check_hierarchy` loads, compiles and validates a whole file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError
-from torch import Tensor
 
 from .api import CheckRow, GroupOperator, GroupSpec, TransferBindError, TransferRule
 from .operators import BoundGroup, EdgeTransfer
 from .registry import Entry, Registry, default_registry
-from .validation import TOL, Report, _group_rows, _norm, _random, validate
+from .schema import validate_strict
+from .validation import Report, _group_rows, validate
 
 __all__ = ["assert_hierarchy_valid", "assert_rule_coherent", "bind_rule", "check_hierarchy",
            "check_rule", "CheckRow", "Report"]
@@ -55,7 +56,7 @@ def _options(rule: TransferRule, options: BaseModel | Mapping[str, Any] | None) 
     if isinstance(options, BaseModel):
         return options
     try:
-        return rule.options.model_validate(dict(options or {}))
+        return validate_strict(rule.options, dict(options or {}))
     except ValidationError as exc:
         raise ValueError(f"options of rule {rule.name!r}: {exc}") from None
 

@@ -292,9 +292,9 @@ def validate(c: Compiled, *, seed: int = 0) -> Report:
                f"{len(c.nodes)} levels, {c.graph.number_of_edges()} edges; data "
                f"{h.data.source!r}; families "
                f"{sorted({n.family.record.name for n in c.nodes.values()})}")
-    _provider_rows(c, report)
     report.add("graph", "pass", f"acyclic, connected, finest level {c.finest!r}; "
                f"cycle path(s): {' | '.join('->'.join(p) for p in c.paths)}")
+    _provider_rows(c, report)
     for coarse, fine in c.graph.edges:
         edge = c.edge(coarse, fine)
         rules = sorted({g.rule for g in edge.full})
