@@ -149,7 +149,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
         print(reference_markdown(), end="")
         return 0
-    print(json.dumps(json_schema(), indent=args.indent))
+    print(json.dumps(json_schema(_registry(args)), indent=args.indent))
     return 0
 
 

@@ -273,6 +273,8 @@ def _error_message(err: dict, model: type[BaseModel] | None = None) -> str:
         table = _model_at(model, tuple(err["loc"])) if model is not None else None
         if table is not None and table.model_fields:
             return f"unknown key; valid keys: {', '.join(table.model_fields)}"
+        if table is not None:
+            return "unknown key; this table takes no options"
         return "unknown key"
     if kind == "missing":
         return "required key is missing"

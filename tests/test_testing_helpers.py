@@ -69,7 +69,7 @@ def test_three_line_test_of_a_builtin_rule() -> None:
                                 fine={"layers.0.w": (3, 3), "layers.1.w": (3, 3)},
                                 h_coarse=2.0, h_fine=1.0)
     assert [r.name.rsplit(": ", 1)[1] for r in rows] == ["bind", "shapes", "R∘P = I",
-                                                         "adjoint", "linearity"]
+                                                         "linearity", "adjoint"]
     assert all(r.status == "pass" for r in rows)
     assert rows[0].name == "coarse->fine * [depth.constant]: bind"
 
