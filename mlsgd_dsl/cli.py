@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the JSON Schema of hierarchy files")
     s.add_argument("--indent", type=int, default=2)
     s.add_argument("--markdown", action="store_true",
-                   help="print the key reference (docs/hierarchy-file.md) instead")
+                   help="print the key reference and the built-ins' options "
+                        "(docs/hierarchy-file.md) instead")
 
     pl = sub.add_parser("plugins", help="list installed plugins and what they provide")
     pl.add_argument("--verbose", "-v", action="store_true",
@@ -145,9 +146,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from .schema import json_schema
 
     if args.markdown:
-        from .docgen import reference_markdown
+        from .docgen import builtin_options_markdown, reference_markdown
 
-        print(reference_markdown(), end="")
+        print(reference_markdown() + "\n" + builtin_options_markdown(), end="")
         return 0
     print(json.dumps(json_schema(_registry(args)), indent=args.indent))
     return 0

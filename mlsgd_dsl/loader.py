@@ -147,7 +147,8 @@ def _api_value(value: Any) -> Any:
         _check_depth(value, "--set")
         return plain(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"override value {value!r:.80}: {exc}", file="--set") from None
+        raise ConfigError(f"override value {value!r:.80} has an unsupported type ({exc})",
+                          file="--set") from None
     except RecursionError:
         raise ConfigError(f"override value nested deeper than {MAX_DEPTH} levels",
                           file="--set") from None

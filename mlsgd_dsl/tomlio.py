@@ -25,11 +25,12 @@ def _clean(value: Any, where: str) -> Any:
                 for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
         if any(v is None for v in value):
-            raise ValueError(f"{where}: an array with a None item has no TOML form")
+            raise ValueError(f"{where + ': ' if where else ''}an array with a None item has no "
+                             "TOML form")
         return [_clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, bool | int | float | str | datetime.date | datetime.time):
         return value
-    raise TypeError(f"{where}: {type(value).__name__} has no TOML form")
+    raise TypeError(f"{where + ': ' if where else ''}{type(value).__name__} has no TOML form")
 
 
 def plain(value: Any) -> Any:

@@ -163,4 +163,5 @@ def test_real_process_reports_a_malformed_file_cleanly(tmp_hierarchy) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr == f"mlsgd-dsl: error: {bad}: levels.fine.colour: unknown key\n"
+    assert proc.stderr == (f"mlsgd-dsl: error: {bad}: levels.fine.colour: unknown key; valid "
+                           "keys: extends, description, h, model, data\n")
