@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -25,10 +25,6 @@ class NoOptions(BaseModel):
     """Options model of a component that takes no options."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class PluginError(Exception):
-    """A plugin did something wrong; the message names the plugin."""
 
 
 class TransferBindError(ValueError):
@@ -187,10 +183,6 @@ class Coarsening:
 
 
 # --------------------------------------------------------------------------- corrections
-
-
-class CorrectionFactory(Protocol):
-    def __call__(self, options: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

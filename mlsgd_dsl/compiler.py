@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from .contract import module_problem, operator_problem, raw_data_problem, strate
 from .errors import ConfigError, PluginFailure, UserError
 from .operators import BoundGroup, EdgeTransfer, Transfer
 from .registry import Entry, Registry
-from .schema import Hierarchy, TransferSpec
+from .schema import Hierarchy, TransferSpec, for_level
 
 MAX_PARAMETERS = 500_000_000
 
@@ -322,8 +321,7 @@ class Compiled:
         """Levels visited in ``cycle`` (from 0), coarsest first."""
         return list(self.paths[cycle % len(self.paths)])
 
-    def for_level(self, value: Any, level: str) -> Any:
-        return value[level] if isinstance(value, Mapping) else value
+    for_level = staticmethod(for_level)  # one implementation: mlsgd_dsl.schema.for_level
 
     # ------------------------------------------------------------------ data & plugins
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -164,6 +165,11 @@ class EdgeSpec(Strict):
 
 def per_level(kind: Any) -> Any:
     return kind | dict[Name, kind]
+
+
+def for_level(value: Any, level: str) -> Any:
+    """A per-level setting (``per_level``: one value, or a table by level name) for ``level``."""
+    return value[level] if isinstance(value, Mapping) else value
 
 
 class ScheduleSpec(Strict):
@@ -341,11 +347,10 @@ class Hierarchy(Strict):
         names = self.level_names()
         return [(names[i + 1], names[i], self.transfer) for i in range(len(names) - 1)]
 
-    def for_level(self, value: Any, level: str) -> Any:
+    @staticmethod
+    def for_level(value: Any, level: str) -> Any:
         """Resolve a per-level setting (scalar or table) for one level."""
-        if isinstance(value, dict):
-            return value[level]
-        return value
+        return for_level(value, level)
 
 
 #: $defs table -> (registry kind, the key that names the record in that table)
