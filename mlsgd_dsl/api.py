@@ -15,9 +15,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-#: Version of the plugin API. A plugin states what it needs with ``MLSGD_DSL_API = ">=1.0"``
-#: (a module attribute next to its hook implementations); a plugin needing a newer major
-#: version is refused by name instead of failing later.
+#: Version of the plugin API. A plugin states what it needs with a PEP 440 specifier,
+#: ``MLSGD_DSL_API = ">=1.0"`` (a module attribute next to its hook implementations; a bare
+#: ``"1.0"`` means ``"~=1.0"``); a plugin whose specifier this version does not satisfy is
+#: refused by name instead of failing later.
 API_VERSION = "1.0"
 
 

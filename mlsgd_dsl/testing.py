@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from .api import CheckRow, GroupOperator, GroupSpec, TransferBindError, TransferRule
+from .contract import operator_problem
 from .operators import BoundGroup, EdgeTransfer
 from .registry import Entry, Registry, default_registry
 from .schema import validate_strict
@@ -124,9 +125,9 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     except Exception as exc:  # what the compiler reports as a PluginFailure
         return [CheckRow(f"{prefix}: bind", "fail",
                          f"{label}: raised {type(exc).__name__} while binding: {exc}")]
-    if not isinstance(op, GroupOperator):
-        return [CheckRow(f"{prefix}: bind", "fail", f"{label}: bind returned "
-                         f"{type(op).__name__}, not a GroupOperator")]
+    problem = operator_problem(op)  # the compiler's own check of what bind returns
+    if problem:
+        return [CheckRow(f"{prefix}: bind", "fail", f"{label}: {problem}")]
     rows.append(CheckRow(f"{prefix}: bind", "pass",
                          f"{len(op.spec.coarse)} coarse / {len(op.spec.fine)} fine tensors"))
 

@@ -143,7 +143,7 @@ def test_bind_returning_none_is_one_line_naming_the_plugin(plugin, run_cli,
     # the same check in mlsgd_dsl.testing
     [row] = check_rule(TransferRule("c.none", NoOptions, lambda spec, options: None),
                        {"b": (3,)}, {"b": (3,)})
-    assert row.status == "fail" and "bind returned NoneType, not a GroupOperator" in row.detail
+    assert row.status == "fail" and "bind returned None, not a GroupOperator" in row.detail
 
 
 def test_create_returning_none_fails_validate_not_run(plugin, run_cli, tmp_hierarchy) -> None:

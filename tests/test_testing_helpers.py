@@ -156,7 +156,7 @@ def test_bind_errors_are_rows() -> None:
     assert row.detail == "rule test.rule: raised ZeroDivisionError while binding: oops"
     (row,) = check_rule(rule(IdentityOperator, bind=lambda s, o: None), {"b": (3,)},
                         {"b": (3,)})
-    assert "bind returned NoneType, not a GroupOperator" in row.detail
+    assert "bind returned None, not a GroupOperator" in row.detail
 
 
 def test_registered_rule_is_labelled_with_its_plugin() -> None:
