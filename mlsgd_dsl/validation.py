@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -70,35 +70,30 @@ def _label(c: Compiled, group: BoundGroup) -> str:
     return entry.label() if entry else f"rule {group.rule}"
 
 
-def _in_place(op: GroupOperator, x: Mapping[str, Tensor], y: Mapping[str, Tensor]
-              ) -> str | None:
-    """Name the map (and tensor) that changes its input, or None.
+def _copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.clone() for n, t in tensors.items()}
 
-    Checked first, on copies, so that a map writing into its input is named as such instead of
-    surfacing later as a wrong transpose or a failed ``R∘P = I`` on corrupted inputs.
+
+def _changed(given: Mapping[str, Tensor], original: Mapping[str, Tensor]) -> list[str]:
+    return [n for n in original if not torch.equal(given[n], original[n])]
+
+
+def _linearity(maps: list[tuple[str, Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                                dict[str, Tensor], dict[str, Tensor]]],
+               gen: torch.Generator) -> tuple[float, str]:
+    """Worst relative error of f(a·u + b·v) = a·f(u) + b·f(v), and which map has it.
+
+    ``maps`` holds (name, f, u, f(u)) with f(u) already computed by the other rows, so each map
+    costs two more calls.
     """
-    for map_name, f, given in (("P", op.prolongate, x), ("R", op.restrict, y),
-                               ("Pᵀ", op.transpose, y)):
-        copies = {n: t.clone() for n, t in given.items()}
-        f(copies)
-        changed = [n for n in given if not torch.equal(copies[n], given[n])]
-        if changed:
-            return f"{map_name} modifies its input in place ({', '.join(changed[:3])} changed)"
-    return None
-
-
-def _linearity(op: GroupOperator, gen: torch.Generator) -> tuple[float, str]:
-    """Worst relative error of f(a·x + b·y) = a·f(x) + b·f(y) over P, R, Pᵀ, and where."""
     a, b = 0.7, -1.3
     worst, where = 0.0, ""
-    for map_name, f, shapes in (("P", op.prolongate, op.spec.coarse),
-                                ("R", op.restrict, op.spec.fine),
-                                ("Pᵀ", op.transpose, op.spec.fine)):
-        x, y = _random(shapes, gen), _random(shapes, gen)
-        mixed = f({n: a * x[n] + b * y[n] for n in x})
-        fx, fy = f(x), f(y)
-        diff = {n: mixed[n] - (a * fx[n] + b * fy[n]) for n in mixed}
-        scale = max(_norm(mixed), abs(a) * _norm(fx) + abs(b) * _norm(fy), 1e-300)
+    for map_name, f, u, fu in maps:
+        v = _random({n: t.shape for n, t in u.items()}, gen)
+        fv = f(_copies(v))
+        mixed = f({n: a * u[n] + b * v[n] for n in u})
+        diff = {n: mixed[n] - (a * fu[n] + b * fv[n]) for n in mixed}
+        scale = max(_norm(mixed), abs(a) * _norm(fu) + abs(b) * _norm(fv), 1e-300)
         err = _norm(diff) / scale
         if err >= worst:
             worst, where = err, map_name
@@ -124,9 +119,12 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
                    f"{MAX_CHECKED_PARAMETERS:,} in float64)")
         return
     x, y = _random(floats_c, gen), _random(floats_f, gen)
+    # Each map gets copies, so one that writes into its input is caught (``inputs`` row) before
+    # it corrupts the other rows or trips autograd in the reference transpose.
+    xc, yc, yt = _copies(x), _copies(y), _copies(y)
     try:
-        px = op.prolongate(x)
-        ry = op.restrict(y)
+        px = op.prolongate(xc)
+        ry = op.restrict(yc)
     except Exception as exc:
         report.add(f"{name}: operators", "fail",
                    f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
@@ -140,17 +138,19 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
                    + "; ".join(bad[:3]))
         return
     try:
-        changed = _in_place(op, x, y)
+        pty = op.transpose(yt)
     except Exception as exc:
-        report.add(f"{name}: adjoint", "fail",
-                   f"{_label(c, group)}: transpose raised {type(exc).__name__}: {exc}")
-        return
-    if changed:
-        report.add(f"{name}: inputs", "fail", f"{_label(c, group)}: {changed}; P, R and Pᵀ "
-                   "must return new tensors")
-        return
+        pty, transpose_error = None, exc
+    for map_name, given, original in (("P", xc, x), ("R", yc, y), ("Pᵀ", yt, y)):
+        changed = _changed(given, original)
+        if changed:
+            report.add(f"{name}: inputs", "fail", f"{_label(c, group)}: {map_name} modifies "
+                       f"its input in place ({', '.join(changed[:3])} changed); P, R and Pᵀ "
+                       "must return new tensors")
+            return
     try:
-        pty = op.transpose(y)
+        if pty is None:
+            raise transpose_error
         pty_auto = GroupOperator.transpose(op, y)
     except Exception as exc:
         report.add(f"{name}: adjoint", "fail",
@@ -173,7 +173,9 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
         report.add(f"{name}: R∘P = I", "pass", f"not promised by the rule ({err:.2f})")
     try:
         # its own generator: the other rows' random inputs stay what they were before this row
-        worst, where = _linearity(op, torch.Generator().manual_seed(gen.initial_seed() + 1))
+        worst, where = _linearity([("P", op.prolongate, x, px), ("R", op.restrict, y, ry),
+                                   ("Pᵀ", op.transpose, y, pty)],
+                                  torch.Generator().manual_seed(gen.initial_seed() + 1))
     except Exception as exc:
         report.add(f"{name}: linearity", "fail",
                    f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
