@@ -28,14 +28,24 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from .api import CheckRow, GroupOperator, GroupSpec, TransferBindError, TransferRule
-from .contract import operator_problem
+from .api import (
+    CheckRow,
+    CorrectionStrategy,
+    DataContext,
+    DataSource,
+    GroupOperator,
+    GroupSpec,
+    TransferBindError,
+    TransferRule,
+)
+from .contract import operator_problem, raw_data_problem, strategy_problem
 from .operators import BoundGroup, EdgeTransfer
 from .registry import Entry, Registry, default_registry
 from .schema import validate_strict
 from .validation import Report, _group_rows, validate
 
-__all__ = ["assert_hierarchy_valid", "assert_rule_coherent", "bind_rule", "check_hierarchy",
+__all__ = ["assert_hierarchy_valid", "assert_rule_coherent", "bind_rule", "check_data_source",
+           "check_hierarchy", "check_strategy",
            "check_rule", "CheckRow", "Report"]
 
 Shape = Sequence[int] | torch.Size
@@ -53,13 +63,14 @@ def _resolve(rule: TransferRule | str, registry: Registry | None) -> tuple[Trans
     return entry.record, entry
 
 
-def _options(rule: TransferRule, options: BaseModel | Mapping[str, Any] | None) -> BaseModel:
+def _options(rule: Any, options: BaseModel | Mapping[str, Any] | None) -> BaseModel:
     if isinstance(options, BaseModel):
         return options
     try:
         return validate_strict(rule.options, dict(options or {}))
     except ValidationError as exc:
-        raise ValueError(f"options of rule {rule.name!r}: {exc}") from None
+        kind = "rule" if isinstance(rule, TransferRule) else "plugin"
+        raise ValueError(f"options of {kind} {rule.name!r}: {exc}") from None
 
 
 def _spec(coarse: Mapping[str, Shape], fine: Mapping[str, Shape], *, h_coarse: float,
@@ -143,6 +154,54 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     gen = torch.Generator().manual_seed(seed)
     _group_rows(compiled, edge, edge.params[0], gen, report)  # type: ignore[arg-type]
     rows.extend(report.rows)
+    return rows
+
+
+def _record(kind: str, record: Any, registry: Registry | None) -> tuple[Any, str]:
+    if not isinstance(record, str):
+        return record, f"{kind[:-1]} {record.name}"
+    entry = (registry or default_registry()).get(kind, record)
+    return entry.record, entry.label()
+
+
+def check_strategy(strategy: CorrectionStrategy | str,
+                   options: BaseModel | Mapping[str, Any] | None = None, *,
+                   registry: Registry | None = None) -> list[CheckRow]:
+    """Create the strategy as ``validate`` does and check what ``create`` returns.
+
+    One row, ``NAME: create``: ``fail`` when ``create`` raises or returns something that is not
+    a correction strategy (the same check, and message, as ``mlsgd-dsl validate``).
+    """
+    record, label = _record("corrections", strategy, registry)
+    opts = _options(record, options)
+    name = f"{record.name}: create"
+    try:
+        problem = strategy_problem(record.create(opts))
+    except Exception as exc:
+        problem = f"raised {type(exc).__name__} in create: {exc}"
+    if problem:
+        return [CheckRow(name, "fail", f"{label}: {problem}")]
+    return [CheckRow(name, "pass", "a correction strategy")]
+
+
+def check_data_source(source: DataSource | str,
+                      options: BaseModel | Mapping[str, Any] | None = None, *, seed: int = 0,
+                      registry: Registry | None = None) -> list[CheckRow]:
+    """Call ``shape`` and ``load`` as a run does and check that they agree (one row each)."""
+    record, label = _record("data sources", source, registry)
+    opts = _options(record, options)
+    try:
+        shape = tuple(int(v) for v in record.shape(opts))
+    except Exception as exc:
+        return [CheckRow(f"{record.name}: shape", "fail",
+                         f"{label}: raised {type(exc).__name__}: {exc}")]
+    rows = [CheckRow(f"{record.name}: shape", "pass", f"(C, H, W, classes) = {shape}")]
+    try:
+        problem = raw_data_problem(record.load(opts, DataContext(seed=seed)), shape)
+    except Exception as exc:
+        problem = f"raised {type(exc).__name__} in load: {exc}"
+    rows.append(CheckRow(f"{record.name}: load", "fail" if problem else "pass",
+                         f"{label}: {problem}" if problem else "RawData of that shape"))
     return rows
 
 

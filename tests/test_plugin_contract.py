@@ -313,3 +313,21 @@ def test_schema_checks_a_plugins_options() -> None:
 def test_in_place_check_leaves_correct_rules_alone() -> None:
     rows = check_rule("identity", {"b": (3,)}, {"b": (3,)})
     assert all(r.status == "pass" for r in rows) and torch.get_default_dtype() == torch.float32
+
+
+def test_testing_runs_the_same_return_value_checks() -> None:
+    from mlsgd_dsl.api import CorrectionStrategy, DataSource
+    from mlsgd_dsl.data.synthetic import SYNTHETIC
+    from mlsgd_dsl.testing import check_data_source, check_strategy
+
+    [row] = check_strategy(CorrectionStrategy("c.nothing", NoOptions, lambda options: None))
+    assert row.status == "fail" and row.detail == ("correction c.nothing: create returned None, "
+                                                   "not a correction strategy")
+    assert [r.status for r in check_strategy("stochastic", {"fraction": 0.5})] == ["pass"]
+    wrong = DataSource("c.tuple", SYNTHETIC.options, lambda options, context: (1, 2),
+                       SYNTHETIC.shape)
+    rows = check_data_source(wrong, {"train": 8, "test": 8})
+    assert [r.status for r in rows] == ["pass", "fail"]
+    assert "load returned tuple, not mlsgd_dsl.api.RawData" in rows[1].detail
+    rows = check_data_source("synthetic", {"train": 8, "test": 8, "size": 8})
+    assert [r.status for r in rows] == ["pass", "pass"], rows
