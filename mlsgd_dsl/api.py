@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-#: Version of the plugin API. A plugin states what it needs with ``MLSGD_DSL_API = ">=1.0"``
-#: (a module attribute next to its hook implementations); a plugin needing a newer major
-#: version is refused by name instead of failing later. 1.1: event hooks receive a read-only
+#: Version of the plugin API. A plugin states what it needs with a PEP 440 specifier,
+#: ``MLSGD_DSL_API = ">=1.0"`` (a module attribute next to its hook implementations; a bare
+#: ``"1.0"`` means ``"~=1.0"``); a plugin whose specifier this version does not satisfy is
+#: refused by name instead of failing later. 1.1: event hooks receive a read-only
 #: ``RunView`` (``mlsgd_dsl.runner.events``) as ``run``, no longer the trainer.
 API_VERSION = "1.1"
 
@@ -26,10 +27,6 @@ class NoOptions(BaseModel):
     """Options model of a component that takes no options."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class PluginError(Exception):
-    """A plugin did something wrong; the message names the plugin."""
 
 
 class TransferBindError(ValueError):
@@ -188,10 +185,6 @@ class Coarsening:
 
 
 # --------------------------------------------------------------------------- corrections
-
-
-class CorrectionFactory(Protocol):
-    def __call__(self, options: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the JSON Schema of hierarchy files")
     s.add_argument("--indent", type=int, default=2)
     s.add_argument("--markdown", action="store_true",
-                   help="print the key reference (docs/hierarchy-file.md) instead")
+                   help="print the key reference and the built-ins' options "
+                        "(docs/hierarchy-file.md) instead")
 
-    sub.add_parser("plugins", help="list installed plugins and what they provide")
+    pl = sub.add_parser("plugins", help="list installed plugins and what they provide")
+    pl.add_argument("--verbose", "-v", action="store_true",
+                    help="also print each provided name's description and options table")
 
     c = sub.add_parser("compare", help="side-by-side table of several runs + overlay plot")
     c.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -143,21 +146,35 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from .schema import json_schema
 
     if args.markdown:
-        from .docgen import reference_markdown
+        from .docgen import builtin_options_markdown, reference_markdown
 
-        print(reference_markdown(), end="")
+        print(reference_markdown() + "\n" + builtin_options_markdown(), end="")
         return 0
-    print(json.dumps(json_schema(), indent=args.indent))
+    print(json.dumps(json_schema(_registry(args)), indent=args.indent))
     return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import conflict_hint
+
     reg = _registry(args)
     for p in reg.provided:
         dist = f"{p.distribution} {p.version}" if p.distribution else f"built-in ({__version__})"
         print(f"{p.plugin}  [{dist}]")
         for kind, names in p.items.items():
-            print(f"    {kind}: {', '.join(names)}")
+            shown = [f"{n} (CONFLICT)" if n in reg.conflicts[kind] else n for n in names]
+            print(f"    {kind}: {', '.join(shown)}")
+            if args.verbose:
+                from .docgen import options_text
+
+                for name in names:
+                    record = next(e.record for e in [reg.items[kind].get(name),
+                                                     *reg.conflicts[kind].get(name, [])]
+                                  if e is not None and e.plugin == p.plugin)
+                    print(options_text(record, indent="        "), end="")
+    for kind, table in reg.conflicts.items():
+        for name, entries in sorted(table.items()):
+            print(f"CONFLICT {conflict_hint(kind, name, entries)}")
     for message in reg.broken.values():
         print(f"BROKEN {message}")
     if reg.blocked:

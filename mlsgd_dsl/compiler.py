@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ import torch
 from torch import nn
 
 from .api import DataContext, GroupSpec, ModelContext, TransferBindError
+from .contract import module_problem, operator_problem, raw_data_problem, strategy_problem
 from .errors import ConfigError, PluginFailure, UserError
 from .operators import BoundGroup, EdgeTransfer, Transfer
 from .registry import Entry, Registry
-from .schema import Hierarchy, TransferSpec
+from .schema import Hierarchy, TransferSpec, for_level
 
 MAX_PARAMETERS = 500_000_000
 
@@ -81,6 +81,7 @@ class Compiled:
         except Exception as exc:
             raise PluginFailure(f"{src_entry.label()}: data source {h.data.source!r} shape() "
                                 f"raised {type(exc).__name__}: {exc}") from None
+        self._source_shape = (int(c), int(hh), int(ww), int(classes))
         for name, level in h.levels.items():
             shape = (int(c), int(hh), int(ww))
             coarsen = []
@@ -150,10 +151,10 @@ class Compiled:
             raise PluginFailure(f"{family.label()}: architecture {family.record.name!r} "
                                 f"raised {type(exc).__name__}: {exc}",
                                 file=self.file, path=path) from None
-        if not isinstance(model, nn.Module):
-            raise PluginFailure(f"{family.label()}: architecture {family.record.name!r} "
-                                f"returned {type(model).__name__}, not a torch.nn.Module",
-                                file=self.file, path=path)
+        problem = module_problem(model)
+        if problem:
+            raise PluginFailure(f"{family.label()}: architecture {family.record.name!r}: "
+                                f"{problem}", file=self.file, path=path)
         return model
 
     def model(self, level: str) -> nn.Module:
@@ -258,6 +259,11 @@ class Compiled:
                                         f"{type(exc).__name__} while binding {pattern!r} on "
                                         f"{coarse} -> {fine}: {exc}", file=self.file,
                                         path=where) from None
+                problem = operator_problem(op)
+                if problem:
+                    raise PluginFailure(f"{entry.label()}: rule {entry.record.name!r}: "
+                                        f"{problem} (binding {pattern!r} on {coarse} -> "
+                                        f"{fine})", file=self.file, path=where)
                 target.append(BoundGroup(pattern=pattern, rule=entry.record.name,
                                          operator=op))
         return EdgeTransfer(coarse=coarse, fine=fine, h_coarse=cn.h, h_fine=fn.h,
@@ -315,8 +321,7 @@ class Compiled:
         """Levels visited in ``cycle`` (from 0), coarsest first."""
         return list(self.paths[cycle % len(self.paths)])
 
-    def for_level(self, value: Any, level: str) -> Any:
-        return value[level] if isinstance(value, Mapping) else value
+    for_level = staticmethod(for_level)  # one implementation: mlsgd_dsl.schema.for_level
 
     # ------------------------------------------------------------------ data & plugins
 
@@ -335,7 +340,12 @@ class Compiled:
             raise
         except Exception as exc:
             raise PluginFailure(f"{src.label()}: data source {h.data.source!r} raised "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(exc).__name__}: {exc}", file=self.file,
+                                path=("data", "source")) from None
+        problem = raw_data_problem(raw, self._source_shape)
+        if problem:
+            raise PluginFailure(f"{src.label()}: data source {h.data.source!r}: {problem}",
+                                file=self.file, path=("data", "source"))
         try:
             validation = h.data.validation
             validation = int(validation) if validation >= 1 else float(validation)
@@ -355,9 +365,27 @@ class Compiled:
         self._data_cache[key] = out
         return out
 
+    def plugin_options(self) -> dict[tuple, Any]:
+        """Validated options of every plugin-named table, by key path (from the loader)."""
+        return dict(self._options)
+
     def correction(self) -> Any:
+        """A fresh correction strategy from the file's ``mlsgd.correction`` (checked)."""
         entry, options = self._options[("mlsgd", "correction")]
-        return entry.record.create(options)
+        path = ("mlsgd", "correction")
+        try:
+            strategy = entry.record.create(options)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PluginFailure(f"{entry.label()}: strategy {entry.record.name!r} raised "
+                                f"{type(exc).__name__} in create: {exc}", file=self.file,
+                                path=path) from None
+        problem = strategy_problem(strategy)
+        if problem:
+            raise PluginFailure(f"{entry.label()}: strategy {entry.record.name!r}: {problem}",
+                                file=self.file, path=path)
+        return strategy
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved configuration (inheritance and overrides applied).

@@ -1,8 +1,11 @@
 """The key reference of hierarchy files, generated from the pydantic schema.
 
-``docs/hierarchy-file.md`` embeds :func:`reference_markdown` between two marker comments;
-``mlsgd-dsl schema --markdown`` prints it and a test fails when the page and the schema
-disagree, so the page cannot drift.
+``docs/hierarchy-file.md`` embeds :func:`reference_markdown` (the core keys) and
+:func:`builtin_options_markdown` (the options of every built-in family, rule, strategy, data
+source and coarsening) between marker comments; ``mlsgd-dsl schema --markdown`` prints both
+and a test fails when the page and the models disagree, so the page cannot drift.
+``mlsgd-dsl plugins --verbose`` prints the same tables, as text, for every installed plugin
+(:func:`options_text`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ from .schema import Hierarchy
 
 BEGIN = "<!-- BEGIN GENERATED KEY REFERENCE (mlsgd-dsl schema --markdown) -->"
 END = "<!-- END GENERATED KEY REFERENCE -->"
+OPTIONS_BEGIN = "<!-- BEGIN GENERATED BUILT-IN OPTIONS (mlsgd-dsl schema --markdown) -->"
+OPTIONS_END = "<!-- END GENERATED BUILT-IN OPTIONS -->"
+
+#: registry kind -> (heading, the key of the file that names the record)
+KIND_KEYS = {
+    "architectures": ("Architecture families", "model.family"),
+    "transfer rules": ("Transfer rules", "rule"),
+    "corrections": ("Correction strategies", "mlsgd.correction.strategy"),
+    "data sources": ("Data sources", "data.source (options in data.options)"),
+    "coarsenings": ("Data coarsenings", "levels.NAME.data.coarsen[].method"),
+}
 
 
 def _type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
@@ -120,16 +134,68 @@ def reference_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _replace_between(page: str, begin: str, end: str, body: str) -> str:
+    start, stop = page.index(begin) + len(begin), page.index(end)
+    return page[:start] + "\n\n" + body + "\n" + page[stop:]
+
+
 def embed(page: str) -> str:
-    """Return ``page`` with the generated reference between the markers replaced."""
-    start, end = page.index(BEGIN) + len(BEGIN), page.index(END)
-    return page[:start] + "\n\n" + reference_markdown() + "\n" + page[end:]
+    """Return ``page`` with the generated reference(s) between the markers replaced."""
+    page = _replace_between(page, BEGIN, END, reference_markdown())
+    if OPTIONS_BEGIN in page:
+        page = _replace_between(page, OPTIONS_BEGIN, OPTIONS_END, builtin_options_markdown())
+    return page
 
 
-def options_markdown(models: dict[str, type[BaseModel]]) -> str:
-    """Option tables of plugin records (architectures, rules, ...) by name."""
+def _option_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str, str]]:
+    """(key, type, default, constraints, description) of each option of a plugin model."""
+    schema = model.model_json_schema()
+    defs = schema.get("$defs", {})
+    required = set(schema.get("required", []))
+    return [(key, _type(prop, defs), _default(prop, key in required), _bounds(prop),
+             " ".join(prop.get("description", "").split()))
+            for key, prop in schema.get("properties", {}).items()]
+
+
+def builtin_options_markdown() -> str:
+    """Every built-in record's options, one table per name, grouped by kind."""
+    from .registry import build_registry
+
+    reg = build_registry(autoload=False)
     lines: list[str] = []
-    for name, model in sorted(models.items()):
-        schema = model.model_json_schema()
-        lines += _table(name, schema, schema.get("$defs", {}), [])
-    return "\n".join(lines)
+    for kind, (heading, key) in KIND_KEYS.items():
+        lines += [f"### {heading} (`{key}`)", ""]
+        for name in reg.names(kind):
+            record = reg.items[kind][name].record
+            lines += [f"#### `{name}`", ""]
+            if record.description:
+                lines += [" ".join(record.description.split()), ""]
+            rows = _option_rows(record.options)
+            if not rows:
+                lines += ["No options.", ""]
+                continue
+            lines += ["| option | type | default | constraints | description |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| `{k}` | {t} | {d} | {b} | {desc.replace('|', chr(92) + '|')} |"
+                      for k, t, d, b, desc in rows]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def options_text(record: object, indent: str = "") -> str:
+    """A record's description and options as plain text (``mlsgd-dsl plugins --verbose``)."""
+    name = getattr(record, "name", "?")
+    description = " ".join(str(getattr(record, "description", "") or "").split())
+    lines = [f"{indent}{name}" + (f": {description}" if description else "")]
+    model = getattr(record, "options", None)
+    rows = _option_rows(model) if isinstance(model, type) and issubclass(model, BaseModel) \
+        else []
+    if not rows and model is not None:
+        lines.append(f"{indent}    (no options)")
+    for key, kind, default, bounds, desc in rows:
+        kind = kind.replace("\\|", "|")
+        default = default.strip("`")
+        facts = ", ".join(x for x in (kind, f"default {default}" if default not in
+                                      ("required", "empty") else default, bounds) if x)
+        lines.append(f"{indent}    {key} ({facts})" + (f": {desc}" if desc else ""))
+    return "\n".join(lines) + "\n"

@@ -7,15 +7,19 @@ the hooks below. Third-party plugins are found through the entry-point group ``m
     width = "mlsgd_width.plugin"
 
 Registration hooks are called once, when the registry is built (before a hierarchy file is
-compiled); each returns a list of records from :mod:`mlsgd_dsl.api` and every returned name
-must be unique across all plugins. Event hooks are called by the runner while it trains (rank
+compiled), through pluggy's hook callers: each implementation from ``get_hookimpls()`` in
+pluggy's call order, so ``specname``, ``tryfirst`` and ``trylast`` hold (a registration hook
+cannot be a wrapper). Each returns a list of records from :mod:`mlsgd_dsl.api`; a name that two
+plugins return is available from neither until the user blocks one (``-p no:PLUGIN``). What a
+record's callables return (``bind``, ``create``, ``build``, ``load``) is checked where it
+enters (:mod:`mlsgd_dsl.contract`). Event hooks are called by the runner while it trains (rank
 0 only under torchrun), through pluggy's hook caller: ``tryfirst`` / ``trylast`` and wrappers
 work. Their ``run`` is a :class:`~mlsgd_dsl.runner.events.RunView` — a frozen snapshot of the
 run (level, cycle, epoch, latest metrics row, paths, configuration) with the finest network for
 read access; mappings they receive are read-only. A hook that raises ends the run with one
 line naming the plugin (exit code 2; after a completed cycle the run resumes with
-``--resume``). A module may state the API version it needs with ``MLSGD_DSL_API = ">=1.0"``
-(1.1 added the typed event view).
+``--resume``). A module may state the API version it needs with a PEP 440 specifier,
+``MLSGD_DSL_API = ">=1.0"`` (1.1 added the typed event view).
 """
 
 from __future__ import annotations

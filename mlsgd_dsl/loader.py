@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, format_path
 from .registry import Registry, default_registry
-from .schema import Hierarchy
+from .schema import Hierarchy, validate_strict
+from .tomlio import plain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -99,19 +100,22 @@ def _check_depth(value: Any, file: str, path: tuple = ()) -> None:
 def parse_override(item: str | tuple[str, Any]) -> dict[str, Any]:
     """``"mlsgd.cycles=3"`` → ``{"mlsgd": {"cycles": 3}}``; the value is TOML, else a string.
 
-    Keys follow TOML's dotted-key syntax, so ``'transfer.rules."fc.*"=identity'`` works.
+    Keys follow TOML's dotted-key syntax, so ``'transfer.rules."fc.*"=identity'`` works. A
+    ``(key, value)`` pair (the Python API's mapping) takes the value as it is.
     """
     if isinstance(item, tuple):
         key, value = item
-        text_value = _to_toml_value(value)
+        text_value = "0"  # a placeholder: the key path is parsed, the value put in after
+        if "\n" in key or "\r" in key:
+            raise ConfigError(f"override key {key!r} contains a line break", file="--set")
     else:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value",
                               file="--set")
+        if "\n" in item or "\r" in item:
+            raise ConfigError(f"override {item!r} contains a line break; give one key=value "
+                              "per --set", file="--set")
         key, text_value = item.split("=", 1)
-    if "\n" in item or "\r" in item:
-        raise ConfigError(f"override {item!r} contains a line break; give one key=value per "
-                          "--set", file="--set")
     key = key.strip()
     if key.count(".") > MAX_KEY_PARTS:
         raise ConfigError(f"override key has more than {MAX_KEY_PARTS} dotted parts",
@@ -125,29 +129,29 @@ def parse_override(item: str | tuple[str, Any]) -> dict[str, Any]:
             continue
         except RecursionError:
             break
+        if isinstance(item, tuple):
+            data = _put_leaf(data, _api_value(value))
         _check_depth(data, "--set")
         return data
     raise ConfigError(f"override {item!r}: {key!r} is not a valid key path", file="--set")
 
 
-def _to_toml_value(value: Any, depth: int = 0) -> str:
-    if depth > MAX_DEPTH:
-        raise ConfigError(f"override value nested deeper than {MAX_DEPTH} levels", file="--set")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_to_toml_value(v, depth + 1) for v in value) + "]"
-    if isinstance(value, Mapping):
-        items = (f"{json.dumps(str(k), ensure_ascii=False)} = {_to_toml_value(v, depth + 1)}"
-                 for k, v in value.items())
-        return "{" + ", ".join(items) + "}"
-    raise ConfigError(f"override value {value!r} has an unsupported type", file="--set")
+def _put_leaf(data: dict[str, Any], value: Any) -> dict[str, Any]:
+    """Replace the single leaf of a one-key-path dict (what ``a.b.c = 0`` parses to)."""
+    (key, inner), = data.items()
+    return {key: _put_leaf(inner, value) if isinstance(inner, dict) else value}
+
+
+def _api_value(value: Any) -> Any:
+    try:
+        _check_depth(value, "--set")
+        return plain(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"override value {value!r:.80} has an unsupported type ({exc})",
+                          file="--set") from None
+    except RecursionError:
+        raise ConfigError(f"override value nested deeper than {MAX_DEPTH} levels",
+                          file="--set") from None
 
 
 def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,16 +235,53 @@ def _readable_loc(loc: tuple, data: Any) -> tuple:
     return tuple(path)
 
 
-def _error_message(err: dict) -> str:
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of a type: ``Annotated`` and unions unwrapped, ``None`` left out."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for a in get_args(annotation) for m in _members(a)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _model_at(model: Any, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model of the table that holds the key at ``loc`` (for "valid keys")."""
+    current = [model]
+    for part in loc[:-1]:
+        found: list[Any] = []
+        for kind in (m for c in current for m in _members(c)):
+            origin = get_origin(kind)
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                if isinstance(part, str) and part in kind.model_fields:
+                    found.append(kind.model_fields[part].annotation)
+            elif origin in (dict, Mapping) and isinstance(part, str):
+                found.append(get_args(kind)[1] if get_args(kind) else Any)
+            elif origin in (list, tuple) and isinstance(part, int):
+                found.extend(get_args(kind)[:1])
+        if found:
+            current = found
+        # else: a union tag of pydantic's (not a key): stay at this table
+    models = [m for c in current for m in _members(c)
+              if isinstance(m, type) and issubclass(m, BaseModel)]
+    return models[0] if models else None
+
+
+def _error_message(err: dict, model: type[BaseModel] | None = None) -> str:
     msg = err.get("msg", "invalid value")
     kind = err.get("type", "")
     given = err.get("input")
     if kind == "extra_forbidden":
+        table = _model_at(model, tuple(err["loc"])) if model is not None else None
+        if table is not None and table.model_fields:
+            return f"unknown key; valid keys: {', '.join(table.model_fields)}"
+        if table is not None:
+            return "unknown key; this table takes no options"
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    msg = msg.replace("should be an object", "should be a table")  # TOML's word for it
     if ", got" not in msg and not isinstance(given, dict | list):
         shown = repr(given)
         if len(shown) > 60:
@@ -250,13 +291,17 @@ def _error_message(err: dict) -> str:
 
 
 def config_error_from(exc: ValidationError, data: Any, file: str,
-                      prefix: tuple = ()) -> ConfigError:
-    """One ConfigError listing the distinct problems (at most five), deepest first."""
+                      prefix: tuple = (), model: type[BaseModel] | None = None) -> ConfigError:
+    """One ConfigError listing the distinct problems (at most five), deepest first.
+
+    ``model`` is the model that was validated: an unknown key's message then lists the valid
+    keys of its table.
+    """
     by_path: dict[tuple, list[str]] = {}
     for err in exc.errors():
         path = (*prefix, *_readable_loc(tuple(err["loc"]), data))
         by_path.setdefault(path, [])
-        message = _error_message(err)
+        message = _error_message(err, model)
         if message not in by_path[path]:
             by_path[path].append(message)
     # With unions pydantic reports one error per member; the most specific path wins.
@@ -282,9 +327,9 @@ def config_error_from(exc: ValidationError, data: Any, file: str,
 def validate_options(model: type[BaseModel], options: Mapping[str, Any], *, file: str,
                      path: tuple) -> BaseModel:
     try:
-        return model.model_validate(dict(options))
+        return validate_strict(model, dict(options))
     except ValidationError as exc:
-        raise config_error_from(exc, dict(options), file, prefix=path) from None
+        raise config_error_from(exc, dict(options), file, prefix=path, model=model) from None
 
 
 def resolve_plugins(h: Hierarchy, registry: Registry, file: str) -> dict[tuple, Any]:
@@ -397,9 +442,9 @@ def loads(text: str, *, file: str = "<string>", overrides: Any = None,
         data = deep_merge(data, parse_override(item))
     data = resolve_inheritance(data, file)
     try:
-        h = Hierarchy.model_validate(data)
+        h = validate_strict(Hierarchy, data)
     except ValidationError as exc:
-        raise config_error_from(exc, data, file) from None
+        raise config_error_from(exc, data, file, model=Hierarchy) from None
     except RecursionError:
         raise ConfigError("nested too deeply", file=file) from None
     check_per_level(h, file)

@@ -5,11 +5,15 @@ party plugins come from the entry-point group ``mlsgd_dsl``. A plugin that fails
 whose registration hook raises, is recorded as *broken* with a message and left out; the others
 keep working. A hierarchy file that uses a name only a broken plugin would provide gets that
 plugin's message instead of "unknown name".
+
+A name that two plugins provide is available from neither, whichever was installed first: a
+file that uses it is refused with both distributions named until the user blocks one of them
+(``-p no:PLUGIN`` on the command line, or ``MLSGD_DSL_BLOCK_PLUGINS=PLUGIN``). Letting one win
+silently would run the other package's code under a name the user chose for the first.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -19,6 +23,8 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
 
 from . import hookspecs
 from .api import API_VERSION, Provided
@@ -67,6 +73,29 @@ class Entry:
             dist = "built-in" if self.plugin in BUILTIN_NAMES else "not installed"
         return f"plugin {self.plugin} ({dist})"
 
+    def provider(self) -> str:
+        """The distribution and version that provides the record (``mlsgd-dsl X`` for a
+        built-in)."""
+        if self.distribution:
+            return f"{self.distribution} {self.version}"
+        if self.plugin in BUILTIN_NAMES:
+            from . import __version__
+
+            return f"mlsgd-dsl {__version__}"
+        return "not installed"
+
+    def conflict_message(self, others: list[Entry]) -> str:
+        return " and ".join(e.label() for e in [self, *others])
+
+
+def conflict_hint(kind: str, name: str, entries: list[Entry]) -> str:
+    """Why a name is unavailable and how to pick one of its providers."""
+    singular = kind[:-1] if kind.endswith("s") else kind
+    picks = " or ".join(f"-p no:{e.plugin}" for e in entries)
+    return (f"{singular} {name!r} is provided by {len(entries)} plugins: "
+            f"{entries[0].conflict_message(entries[1:])}; it is available from none of them "
+            f"until you block all but one ({picks}, or {BLOCK_ENV})")
+
 
 @dataclass
 class Registry:
@@ -75,6 +104,9 @@ class Registry:
         default_factory=lambda: {k: {} for k in KINDS.values()})
     provided: list[Provided] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # plugin name -> message
+    #: kind -> name -> the entries of every plugin that provides it (none of them is used)
+    conflicts: dict[str, dict[str, list[Entry]]] = field(
+        default_factory=lambda: {k: {} for k in KINDS.values()})
     blocked: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------ lookup
@@ -86,6 +118,9 @@ class Registry:
             return table[name]
         from .errors import ConfigError
 
+        if name in self.conflicts[kind]:
+            raise ConfigError(conflict_hint(kind, name, self.conflicts[kind][name]),
+                              file=file, path=tuple(path))
         hint = ""
         if self.blocked:
             hint += (f" Blocked plugins (-p no:NAME / {BLOCK_ENV}): "
@@ -104,7 +139,6 @@ class Registry:
         return self.manager.hook
 
 
-@functools.lru_cache(maxsize=1)
 def _packages_distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
@@ -121,26 +155,25 @@ def _dist_of(module_or_obj: Any) -> tuple[str | None, str | None]:
 
 
 def _api_compatible(plugin: Any) -> str | None:
-    """Return a reason when the plugin needs an API version this core does not have."""
+    """Return a reason when the plugin needs an API version this core does not have.
+
+    ``MLSGD_DSL_API`` is a version specifier (PEP 440, e.g. ``">=1.0"``, ``"==1.0"``,
+    ``">=1.0,<2"``); a bare version ``"1.0"`` means the compatible release ``"~=1.0"``.
+    """
     need = getattr(plugin, "MLSGD_DSL_API", None)
     if not need:
         return None
-    need = str(need).strip()
-    major = int(API_VERSION.split(".")[0])
-    minor = int(API_VERSION.split(".")[1])
-    for op in (">=", "==", ""):
-        if need.startswith(op):
-            try:
-                want = [int(x) for x in need[len(op):].strip().split(".")[:2]]
-            except ValueError:
-                return f"states MLSGD_DSL_API = {need!r}, which is not a version"
-            want += [0] * (2 - len(want))
-            ok = (want[0] == major and want[1] <= minor)
-            if op == ">=":
-                ok = want[0] == major and (want[0], want[1]) <= (major, minor)
-            return None if ok else (f"needs plugin API {need}, this mlsgd-dsl provides "
-                                    f"{API_VERSION}")
-    return f"states MLSGD_DSL_API = {need!r}, expected e.g. '>=1.0'"
+    text = str(need).strip()
+    if text[:1].isdigit():
+        text = f"~={text}" if "." in text else f"=={text}.*"
+    try:
+        spec = SpecifierSet(text)
+    except InvalidSpecifier:
+        return f"states MLSGD_DSL_API = {need!r}, which is not a version specifier " \
+               "(expected e.g. '>=1.0')"
+    if Version(API_VERSION) in spec:
+        return None
+    return f"needs plugin API {str(need).strip()}, this mlsgd-dsl provides {API_VERSION}"
 
 
 def build_registry(*, block: Iterable[str] = (), autoload: bool | None = None,
@@ -173,7 +206,8 @@ def build_registry(*, block: Iterable[str] = (), autoload: bool | None = None,
             if exc.name != modname:  # a built-in whose own import fails is a real bug
                 raise
     if autoload:
-        # Sorted, so which of two clashing plugins wins does not depend on install order.
+        # Sorted only so that listings are stable: which plugin "wins" a name never depends
+        # on this order, because a name two plugins provide is refused (see _file_records).
         eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
                      key=lambda e: ((e.dist.name if e.dist else ""), e.name))
         for ep in eps:
@@ -192,6 +226,7 @@ def build_registry(*, block: Iterable[str] = (), autoload: bool | None = None,
             candidates.append((ep.name, obj, dist, ver))
     candidates.extend((name, obj, *_dist_of(obj)) for name, obj in extra_plugins)
 
+    origin: dict[str, tuple[str | None, str | None]] = {}
     for name, obj, dist, ver in candidates:
         if name in blocked:
             continue
@@ -202,13 +237,25 @@ def build_registry(*, block: Iterable[str] = (), autoload: bool | None = None,
         try:
             pm.register(obj, name=name)
             pm.check_pending()  # a misspelt mlsgd_* hook would otherwise be ignored silently
+            _refuse_registration_wrappers(pm, name)
         except Exception as exc:
             if pm.get_plugin(name) is not None or pm.is_registered(obj):
                 pm.unregister(plugin=obj)
             _broken(reg, name, dist, ver, f"cannot be registered: {exc}")
             continue
-        _collect(reg, name, obj, dist, ver)
+        origin[name] = (dist, ver)
+    _file_records(reg, origin)
     return reg
+
+
+def _refuse_registration_wrappers(pm: pluggy.PluginManager, name: str) -> None:
+    """Registration hooks are collected per implementation (to know who provides what); a
+    wrapper around one could not change that, so it is refused instead of ignored."""
+    for hook_name in KINDS:
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name == name and (impl.hookwrapper or impl.wrapper):
+                raise ValueError(f"{hook_name} is a registration hook and cannot be a "
+                                 "wrapper")
 
 
 def _broken(reg: Registry, name: str, dist: str | None, ver: str | None, why: str) -> None:
@@ -218,41 +265,68 @@ def _broken(reg: Registry, name: str, dist: str | None, ver: str | None, why: st
     warnings.warn(message, PluginWarning, stacklevel=3)
 
 
-def _collect(reg: Registry, name: str, obj: Any, dist: str | None, ver: str | None) -> None:
-    """Call this plugin's registration hooks and file its records by name."""
-    provided = Provided(plugin=name, distribution=dist, version=ver)
-    staged: list[tuple[str, Any]] = []
+def _call_registration_hooks(reg: Registry, origin: dict[str, tuple[str | None, str | None]]
+                             ) -> dict[str, list[tuple[str, Any]]]:
+    """Every plugin's records, ``{plugin: [(kind, record), ...]}``, through pluggy's hook callers.
+
+    Implementations are taken from ``get_hookimpls()`` in pluggy's call order, so ``specname``,
+    ``tryfirst`` and ``trylast`` hold; each is called on its own so a record is attributed to
+    the plugin that returned it. A plugin whose hook raises, or returns a record without a
+    name, or the same name twice, is left out whole.
+    """
+    staged: dict[str, list[tuple[str, Any]]] = {name: [] for name in origin}
+    failed: set[str] = set()
     for hook_name, kind in KINDS.items():
-        impl = getattr(obj, hook_name, None)
-        if impl is None:
-            continue
-        try:
-            records = list(impl() or [])
-        except Exception as exc:
-            reg.manager.unregister(name=name)
-            _broken(reg, name, dist, ver, f"hook {hook_name} raised "
-                    f"{type(exc).__name__}: {exc}")
-            return
-        for record in records:
-            rname = getattr(record, "name", None)
-            if not isinstance(rname, str) or not rname:
-                reg.manager.unregister(name=name)
-                _broken(reg, name, dist, ver, f"hook {hook_name} returned {record!r}, which "
-                        "has no name")
-                return
-            owner = reg.items[kind].get(rname)
-            staged_names = {r.name for k, r in staged if k == kind}
-            if owner is not None or rname in staged_names:
-                where = owner.label() if owner else "itself"
-                reg.manager.unregister(name=name)
-                _broken(reg, name, dist, ver, f"registers {kind[:-1]} {rname!r}, which "
-                        f"{where} already provides")
-                return
-            staged.append((kind, record))
-    for kind, record in staged:
-        reg.items[kind][record.name] = Entry(record, name, dist, ver)
-        provided.items.setdefault(kind, []).append(record.name)
-    reg.provided.append(provided)
+        caller = getattr(reg.manager.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last one first
+            name = impl.plugin_name
+            if name in failed or name not in staged:
+                continue
+            dist, ver = origin[name]
+            try:
+                records = list(impl.function() or [])
+            except Exception as exc:
+                failed.add(name)
+                _broken(reg, name, dist, ver, f"hook {hook_name} raised "
+                        f"{type(exc).__name__}: {exc}")
+                continue
+            seen = {r.name for k, r in staged[name] if k == kind}
+            for record in records:
+                rname = getattr(record, "name", None)
+                if not isinstance(rname, str) or not rname:
+                    why = f"hook {hook_name} returned {record!r}, which has no name"
+                elif rname in seen:
+                    why = f"registers {kind[:-1]} {rname!r}, which itself already provides"
+                else:
+                    seen.add(rname)
+                    staged[name].append((kind, record))
+                    continue
+                failed.add(name)
+                _broken(reg, name, dist, ver, why)
+                break
+    for name in failed:
+        reg.manager.unregister(name=name)
+        staged.pop(name)
+    return staged
+
+
+def _file_records(reg: Registry, origin: dict[str, tuple[str | None, str | None]]) -> None:
+    """File every record by name; a name two plugins provide goes to ``reg.conflicts``."""
+    staged = _call_registration_hooks(reg, origin)
+    owners: dict[tuple[str, str], list[Entry]] = {}
+    for name, records in staged.items():
+        dist, ver = origin[name]
+        provided = Provided(plugin=name, distribution=dist, version=ver)
+        for kind, record in records:
+            owners.setdefault((kind, record.name), []).append(Entry(record, name, dist, ver))
+            provided.items.setdefault(kind, []).append(record.name)
+        reg.provided.append(provided)
+    for (kind, rname), entries in owners.items():
+        if len(entries) == 1:
+            reg.items[kind][rname] = entries[0]
+        else:
+            reg.conflicts[kind][rname] = sorted(
+                entries, key=lambda e: (e.distribution or "", e.plugin))
 
 
 _default: Registry | None = None

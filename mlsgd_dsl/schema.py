@@ -11,7 +11,10 @@ PyAMG's per-level options.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import datetime
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -38,6 +41,27 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Epochs = Annotated[float, Field(gt=0, le=MAX_EPOCHS, allow_inf_nan=False)]
 LearningRate = Annotated[float, Field(gt=0, le=1e3, allow_inf_nan=False)]
 BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime.date | datetime.time):  # TOML dates: as their text
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not a TOML value")
+
+
+def validate_strict(model: type[M], data: Any) -> M:
+    """Validate TOML data with ``model`` without coercions the user did not mean.
+
+    Pydantic's strict mode, on the data as JSON (where an array is a valid tuple): a boolean is
+    not a number (``cycles = true``), a string is not a number (``seed = "3"``) and a float is
+    not an integer, while an integer is still a valid float (``lr = 1``). Used for the core
+    schema and every plugin's options alike.
+    """
+    text = json.dumps(data, default=_json_value, allow_nan=True, ensure_ascii=False)
+    return model.model_validate_json(text, strict=True)
 
 
 class Strict(BaseModel):
@@ -141,6 +165,11 @@ class EdgeSpec(Strict):
 
 def per_level(kind: Any) -> Any:
     return kind | dict[Name, kind]
+
+
+def for_level(value: Any, level: str) -> Any:
+    """A per-level setting (``per_level``: one value, or a table by level name) for ``level``."""
+    return value[level] if isinstance(value, Mapping) else value
 
 
 class ScheduleSpec(Strict):
@@ -327,25 +356,111 @@ class Hierarchy(Strict):
         names = self.level_names()
         return [(names[i + 1], names[i], self.transfer) for i in range(len(names) - 1)]
 
-    def for_level(self, value: Any, level: str) -> Any:
+    @staticmethod
+    def for_level(value: Any, level: str) -> Any:
         """Resolve a per-level setting (scalar or table) for one level."""
-        if isinstance(value, dict):
-            return value[level]
-        return value
+        return for_level(value, level)
 
 
-def json_schema() -> dict[str, Any]:
+#: $defs table -> (registry kind, the key that names the record in that table)
+PLUGIN_TABLES = {
+    "ModelSpec": ("architectures", "family"),
+    "RuleRef": ("transfer rules", "rule"),
+    "CorrectionSpec": ("corrections", "strategy"),
+    "CoarsenStep": ("coarsenings", "method"),
+}
+
+
+def _rewrite_refs(node: Any, names: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: (f"#/$defs/{names[v.rsplit('/', 1)[-1]]}" if k == "$ref" and isinstance(
+            v, str) else _rewrite_refs(v, names)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(v, names) for v in node]
+    return node
+
+
+def _options_schema(model: type[BaseModel], prefix: str, defs: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """A plugin's options model as JSON Schema, its own $defs moved into ``defs``."""
+    own = model.model_json_schema()
+    local = own.pop("$defs", {})
+    names = {k: f"{prefix}.{k}" for k in local}
+    for k, v in local.items():
+        defs[names[k]] = _rewrite_refs(v, names)
+    return _rewrite_refs(own, names)
+
+
+def _when(key: str, name: str, then: dict[str, Any], default: bool = False) -> dict[str, Any]:
+    condition: dict[str, Any] = {"properties": {key: {"const": name}}, "required": [key]}
+    if default:  # the key's default names this record: it also applies when the key is absent
+        condition = {"anyOf": [condition, {"not": {"required": [key]}}]}
+    return {"if": condition, "then": then}
+
+
+def _plugin_branches(registry: Any, defs: dict[str, Any]) -> None:
+    """Each plugin-named table checks the named plugin's options (``if``/``then`` per name)."""
+    for table, (kind, key) in PLUGIN_TABLES.items():
+        target = defs.get(table)
+        if target is None:
+            continue
+        names = registry.names(kind)
+        target.setdefault("properties", {}).setdefault(key, {})["examples"] = names
+        branches = []
+        for name in names:
+            options = _options_schema(registry.items[kind][name].record.options,
+                                      f"{table}.{name}", defs)
+            props = {key: {"const": name}, **options.get("properties", {})}
+            branches.append(_when(key, name, {"properties": props,
+                                              "additionalProperties": False}))
+        if branches:
+            target["allOf"] = branches
+
+
+def _data_branches(registry: Any, defs: dict[str, Any]) -> None:
+    target = defs.get("DataSpec")
+    if target is None:
+        return
+    default = target["properties"]["source"].get("default")
+    target["properties"]["source"]["examples"] = registry.names("data sources")
+    branches = []
+    for name in registry.names("data sources"):
+        options = _options_schema(registry.items["data sources"][name].record.options,
+                                  f"DataSpec.{name}", defs)
+        branches.append(_when("source", name, {"properties": {"options": options}},
+                              default=name == default))
+    if branches:
+        target["allOf"] = branches
+
+
+def json_schema(registry: Any = None) -> dict[str, Any]:
+    """JSON Schema of hierarchy files, with the options of every plugin in ``registry``.
+
+    Built from the installed registry (default: the process-wide one), so an editor completes
+    and checks a plugin's options under its ``family`` / ``rule`` / ``strategy`` / ``source`` /
+    ``method`` key (``if``/``then`` per registered name).
+    """
+    if registry is None:
+        from .registry import default_registry
+
+        registry = default_registry()
     schema = Hierarchy.model_json_schema()
+    defs = schema.setdefault("$defs", {})
     # Inheritance (file `extends`, [model] defaults, level `extends`) fills these in a file
     # that does not write them, so an editor must not demand them.
     schema.pop("required", None)
     for name in ("LevelSpec", "ModelSpec"):
-        schema.get("$defs", {}).get(name, {}).pop("required", None)
+        defs.get(name, {}).pop("required", None)
     # `path` also takes one flat path (the validator wraps it); say so to editors.
-    path = schema.get("$defs", {}).get("MLSGDSpec", {}).get("properties", {}).get("path")
+    path = defs.get("MLSGDSpec", {}).get("properties", {}).get("path")
     if path and "anyOf" in path:
         nested = next(a for a in path["anyOf"] if a.get("type") == "array")
         path["anyOf"].insert(0, nested["items"])
+    _plugin_branches(registry, defs)
+    _data_branches(registry, defs)
+    if "ModelSpec" in defs:  # the top-level [model] defaults are a level's model table
+        schema["properties"]["model"] = {**schema["properties"]["model"],
+                                         "allOf": defs["ModelSpec"].get("allOf", [])}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "mlsgd-dsl hierarchy file"
     return schema

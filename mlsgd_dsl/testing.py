@@ -13,27 +13,39 @@ and runs, in float64 on seeded random inputs, the same rows ``mlsgd-dsl validate
 rule — shapes of ``P`` and ``R``, ``R∘P = I`` (when the operator promises it with
 ``left_inverse = True``), the closed-form ``Pᵀ`` against autograd's vector-Jacobian product of
 ``P`` and the adjoint identity ``h_fine⟨P x, y⟩ = h_coarse⟨x, P* y⟩`` — plus linearity of
-``P``, ``R`` and ``Pᵀ``. :func:`assert_rule_coherent` raises :class:`AssertionError` listing the
+``P``, ``R`` and ``Pᵀ`` and that none of them writes into its input.
+:func:`assert_rule_coherent` raises :class:`AssertionError` listing the
 failing rows. :func:`check_hierarchy` loads, compiles and validates a whole file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError
-from torch import Tensor
 
-from .api import CheckRow, GroupOperator, GroupSpec, TransferBindError, TransferRule
+from .api import (
+    CheckRow,
+    CorrectionStrategy,
+    DataContext,
+    DataSource,
+    GroupOperator,
+    GroupSpec,
+    TransferBindError,
+    TransferRule,
+)
+from .contract import operator_problem, raw_data_problem, strategy_problem
 from .operators import BoundGroup, EdgeTransfer
 from .registry import Entry, Registry, default_registry
-from .validation import TOL, Report, _group_rows, _norm, _random, validate
+from .schema import validate_strict
+from .validation import Report, _group_rows, validate
 
-__all__ = ["assert_hierarchy_valid", "assert_rule_coherent", "bind_rule", "check_hierarchy",
+__all__ = ["assert_hierarchy_valid", "assert_rule_coherent", "bind_rule", "check_data_source",
+           "check_hierarchy", "check_strategy",
            "check_rule", "CheckRow", "Report"]
 
 Shape = Sequence[int] | torch.Size
@@ -51,13 +63,14 @@ def _resolve(rule: TransferRule | str, registry: Registry | None) -> tuple[Trans
     return entry.record, entry
 
 
-def _options(rule: TransferRule, options: BaseModel | Mapping[str, Any] | None) -> BaseModel:
+def _options(rule: Any, options: BaseModel | Mapping[str, Any] | None) -> BaseModel:
     if isinstance(options, BaseModel):
         return options
     try:
-        return rule.options.model_validate(dict(options or {}))
+        return validate_strict(rule.options, dict(options or {}))
     except ValidationError as exc:
-        raise ValueError(f"options of rule {rule.name!r}: {exc}") from None
+        kind = "rule" if isinstance(rule, TransferRule) else "plugin"
+        raise ValueError(f"options of {kind} {rule.name!r}: {exc}") from None
 
 
 def _spec(coarse: Mapping[str, Shape], fine: Mapping[str, Shape], *, h_coarse: float,
@@ -92,37 +105,6 @@ def bind_rule(rule: TransferRule | str, coarse: Mapping[str, Shape], fine: Mappi
     return record.bind(spec, _options(record, options))
 
 
-def _linearity_rows(name: str, label: str, op: GroupOperator, gen: torch.Generator
-                    ) -> list[CheckRow]:
-    """P, R and Pᵀ must be linear: f(a·x + b·y) = a·f(x) + b·f(y)."""
-    a, b = 0.7, -1.3
-    maps: list[tuple[str, Callable[[dict[str, Tensor]], dict[str, Tensor]],
-                     Mapping[str, torch.Size]]] = [
-        ("P", op.prolongate, op.spec.coarse),
-        ("R", op.restrict, op.spec.fine),
-        ("Pᵀ", op.transpose, op.spec.fine),
-    ]
-    worst, where = 0.0, ""
-    for map_name, f, shapes in maps:
-        x, y = _random(shapes, gen), _random(shapes, gen)
-        try:
-            mixed = f({n: a * x[n] + b * y[n] for n in x})
-            fx, fy = f(x), f(y)
-            diff = {n: mixed[n] - (a * fx[n] + b * fy[n]) for n in mixed}
-        except Exception as exc:
-            return [CheckRow(f"{name}: linearity", "fail",
-                             f"{label}: {map_name} raised {type(exc).__name__}: {exc}")]
-        scale = max(_norm(mixed), abs(a) * _norm(fx) + abs(b) * _norm(fy), 1e-300)
-        err = _norm(diff) / scale
-        if err >= worst:
-            worst, where = err, map_name
-    if worst < TOL:
-        return [CheckRow(f"{name}: linearity", "pass",
-                         f"P, R, Pᵀ linear (worst relative error {worst:.1e})")]
-    return [CheckRow(f"{name}: linearity", "fail",
-                     f"{label}: {where} is not linear (relative error {worst:.1e})")]
-
-
 def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
                fine: Mapping[str, Shape], *,
                options: BaseModel | Mapping[str, Any] | None = None, h_coarse: float = 1.0,
@@ -135,8 +117,10 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     ``coarse`` / ``fine`` map tensor names to shapes (what the rule's pattern would match on
     the two levels). A bind error is a ``fail`` row (``bind``), not an exception, so a test can
     also assert that a rule *refuses* shapes it does not support. Rows, in order: ``bind``,
-    ``shapes``, ``R∘P = I``, ``adjoint`` (Pᵀ vs autograd and the inner-product identity with
-    ``P* = (h_fine/h_coarse)·Pᵀ``), ``linearity``. Every row's status is ``pass`` / ``fail``.
+    ``shapes``, ``R∘P = I``, ``linearity`` (of P, R and Pᵀ), ``adjoint`` (Pᵀ vs autograd and
+    the inner-product identity with ``P* = (h_fine/h_coarse)·Pᵀ``; left out when a map is not
+    linear). A map that writes into its input gets an ``inputs`` row instead of the rows after
+    ``shapes``. Every row's status is ``pass`` / ``fail``.
     """
     record, entry = _resolve(rule, registry)
     label = entry.label() if entry is not None else f"rule {record.name}"
@@ -152,9 +136,9 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     except Exception as exc:  # what the compiler reports as a PluginFailure
         return [CheckRow(f"{prefix}: bind", "fail",
                          f"{label}: raised {type(exc).__name__} while binding: {exc}")]
-    if not isinstance(op, GroupOperator):
-        return [CheckRow(f"{prefix}: bind", "fail", f"{label}: bind returned "
-                         f"{type(op).__name__}, not a GroupOperator")]
+    problem = operator_problem(op)  # the compiler's own check of what bind returns
+    if problem:
+        return [CheckRow(f"{prefix}: bind", "fail", f"{label}: {problem}")]
     rows.append(CheckRow(f"{prefix}: bind", "pass",
                          f"{len(op.spec.coarse)} coarse / {len(op.spec.fine)} fine tensors"))
 
@@ -170,8 +154,54 @@ def check_rule(rule: TransferRule | str, coarse: Mapping[str, Shape],
     gen = torch.Generator().manual_seed(seed)
     _group_rows(compiled, edge, edge.params[0], gen, report)  # type: ignore[arg-type]
     rows.extend(report.rows)
-    if any(r.name.endswith(": shapes") and r.status == "pass" for r in report.rows):
-        rows.extend(_linearity_rows(prefix, label, op, gen))
+    return rows
+
+
+def _record(kind: str, record: Any, registry: Registry | None) -> tuple[Any, str]:
+    if not isinstance(record, str):
+        return record, f"{kind[:-1]} {record.name}"
+    entry = (registry or default_registry()).get(kind, record)
+    return entry.record, entry.label()
+
+
+def check_strategy(strategy: CorrectionStrategy | str,
+                   options: BaseModel | Mapping[str, Any] | None = None, *,
+                   registry: Registry | None = None) -> list[CheckRow]:
+    """Create the strategy as ``validate`` does and check what ``create`` returns.
+
+    One row, ``NAME: create``: ``fail`` when ``create`` raises or returns something that is not
+    a correction strategy (the same check, and message, as ``mlsgd-dsl validate``).
+    """
+    record, label = _record("corrections", strategy, registry)
+    opts = _options(record, options)
+    name = f"{record.name}: create"
+    try:
+        problem = strategy_problem(record.create(opts))
+    except Exception as exc:
+        problem = f"raised {type(exc).__name__} in create: {exc}"
+    if problem:
+        return [CheckRow(name, "fail", f"{label}: {problem}")]
+    return [CheckRow(name, "pass", "a correction strategy")]
+
+
+def check_data_source(source: DataSource | str,
+                      options: BaseModel | Mapping[str, Any] | None = None, *, seed: int = 0,
+                      registry: Registry | None = None) -> list[CheckRow]:
+    """Call ``shape`` and ``load`` as a run does and check that they agree (one row each)."""
+    record, label = _record("data sources", source, registry)
+    opts = _options(record, options)
+    try:
+        shape = tuple(int(v) for v in record.shape(opts))
+    except Exception as exc:
+        return [CheckRow(f"{record.name}: shape", "fail",
+                         f"{label}: raised {type(exc).__name__}: {exc}")]
+    rows = [CheckRow(f"{record.name}: shape", "pass", f"(C, H, W, classes) = {shape}")]
+    try:
+        problem = raw_data_problem(record.load(opts, DataContext(seed=seed)), shape)
+    except Exception as exc:
+        problem = f"raised {type(exc).__name__} in load: {exc}"
+    rows.append(CheckRow(f"{record.name}: load", "fail" if problem else "pass",
+                         f"{label}: {problem}" if problem else "RawData of that shape"))
     return rows
 
 

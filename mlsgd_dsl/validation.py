@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -22,6 +22,7 @@ from .api import CheckRow, GroupOperator
 from .compiler import Compiled
 from .errors import UserError
 from .operators import BoundGroup, EdgeTransfer
+from .registry import Entry
 
 TOL = 1e-9  # float64 round-off allowance, relative
 MAX_CHECKED_PARAMETERS = 5_000_000  # float64 model copies above this are not worth the memory
@@ -69,8 +70,44 @@ def _label(c: Compiled, group: BoundGroup) -> str:
     return entry.label() if entry else f"rule {group.rule}"
 
 
+def _copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.clone() for n, t in tensors.items()}
+
+
+def _changed(given: Mapping[str, Tensor], original: Mapping[str, Tensor]) -> list[str]:
+    return [n for n in original if not torch.equal(given[n], original[n])]
+
+
+def _linearity(maps: list[tuple[str, Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                                dict[str, Tensor], dict[str, Tensor]]],
+               gen: torch.Generator) -> tuple[float, str]:
+    """Worst relative error of f(a·u + b·v) = a·f(u) + b·f(v), and which map has it.
+
+    ``maps`` holds (name, f, u, f(u)) with f(u) already computed by the other rows, so each map
+    costs two more calls.
+    """
+    a, b = 0.7, -1.3
+    worst, where = 0.0, ""
+    for map_name, f, u, fu in maps:
+        v = _random({n: t.shape for n, t in u.items()}, gen)
+        fv = f(_copies(v))
+        mixed = f({n: a * u[n] + b * v[n] for n in u})
+        diff = {n: mixed[n] - (a * fu[n] + b * fv[n]) for n in mixed}
+        scale = max(_norm(mixed), abs(a) * _norm(fu) + abs(b) * _norm(fv), 1e-300)
+        err = _norm(diff) / scale
+        if err >= worst:
+            worst, where = err, map_name
+    return worst, where
+
+
 def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.Generator,
                 report: Report) -> None:
+    """Rows of one bound rule: shapes, R∘P = I, linearity, adjoint.
+
+    A map that writes into its input gets an ``inputs`` row and nothing else is checked; a
+    non-linear map gets a failing ``linearity`` row and no ``adjoint`` row (a transpose only
+    exists for a linear P, so "wrong P*" would blame the wrong thing).
+    """
     op: GroupOperator = group.operator
     spec = op.spec
     name = f"{edge.coarse}->{edge.fine} {group.pattern} [{group.rule}]"
@@ -82,9 +119,12 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
                    f"{MAX_CHECKED_PARAMETERS:,} in float64)")
         return
     x, y = _random(floats_c, gen), _random(floats_f, gen)
+    # Each map gets copies, so one that writes into its input is caught (``inputs`` row) before
+    # it corrupts the other rows or trips autograd in the reference transpose.
+    xc, yc, yt = _copies(x), _copies(y), _copies(y)
     try:
-        px = op.prolongate(x)
-        ry = op.restrict(y)
+        px = op.prolongate(xc)
+        ry = op.restrict(yc)
     except Exception as exc:
         report.add(f"{name}: operators", "fail",
                    f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
@@ -98,7 +138,19 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
                    + "; ".join(bad[:3]))
         return
     try:
-        pty = op.transpose(y)
+        pty = op.transpose(yt)
+    except Exception as exc:
+        pty, transpose_error = None, exc
+    for map_name, given, original in (("P", xc, x), ("R", yc, y), ("Pᵀ", yt, y)):
+        changed = _changed(given, original)
+        if changed:
+            report.add(f"{name}: inputs", "fail", f"{_label(c, group)}: {map_name} modifies "
+                       f"its input in place ({', '.join(changed[:3])} changed); P, R and Pᵀ "
+                       "must return new tensors")
+            return
+    try:
+        if pty is None:
+            raise transpose_error
         pty_auto = GroupOperator.transpose(op, y)
     except Exception as exc:
         report.add(f"{name}: adjoint", "fail",
@@ -112,15 +164,28 @@ def _group_rows(c: Compiled, edge: EdgeTransfer, group: BoundGroup, gen: torch.G
         return
     report.add(f"{name}: shapes", "pass", f"{len(floats_c)} coarse / {len(floats_f)} fine "
                "tensors")
+    rpx = op.restrict(px)
+    err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
     if op.left_inverse:
-        rpx = op.restrict(px)
-        err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
         report.add(f"{name}: R∘P = I", "pass" if err < TOL else "fail",
                    f"relative error {err:.1e}")
     else:
-        rpx = op.restrict(px)
-        err = _norm({n: rpx[n] - x[n] for n in x}) / max(_norm(x), 1e-300)
         report.add(f"{name}: R∘P = I", "pass", f"not promised by the rule ({err:.2f})")
+    try:
+        # its own generator: the other rows' random inputs stay what they were before this row
+        worst, where = _linearity([("P", op.prolongate, x, px), ("R", op.restrict, y, ry),
+                                   ("Pᵀ", op.transpose, y, pty)],
+                                  torch.Generator().manual_seed(gen.initial_seed() + 1))
+    except Exception as exc:
+        report.add(f"{name}: linearity", "fail",
+                   f"{_label(c, group)}: raised {type(exc).__name__}: {exc}")
+        return
+    if worst >= TOL:
+        report.add(f"{name}: linearity", "fail", f"{_label(c, group)}: {where} is not linear "
+                   f"(relative error {worst:.1e})")
+        return
+    report.add(f"{name}: linearity", "pass",
+               f"P, R, Pᵀ linear (worst relative error {worst:.1e})")
     # h_fine <P x, y> = h_coarse <x, P* y>, with P* = (h_fine/h_coarse) Pᵀ from the rule's
     # own transpose; autograd's vector-Jacobian product of P is the reference Pᵀ.
     scale = edge.h_fine / edge.h_coarse
@@ -219,16 +284,39 @@ def _batchnorm_row(c: Compiled, report: Report) -> None:
                    f"re-estimated on {images:,} training images before every evaluation")
 
 
+def _provider_rows(c: Compiled, report: Report) -> None:
+    """Which distribution (and version) provides each named component the file uses."""
+    rules: dict[str, Entry] = {}
+    for key, value in c.plugin_options().items():
+        if key[:1] == ("transfer",) or key[:1] == ("edges",):
+            entry = value[0]
+            rules[entry.record.name] = entry
+    for name, entry in sorted(rules.items()):
+        report.add(f"rule {name}", "pass", f"{entry.provider()} (plugin {entry.plugin})")
+    used = [("family", n.family) for n in c.nodes.values()]
+    used += [("coarsening", e) for n in c.nodes.values() for e, _ in n.coarsen]
+    used.append(("data source", c.registry.get("data sources", c.hierarchy.data.source)))
+    used.append(("correction", c.plugin_options()[("mlsgd", "correction")][0]))
+    shown = dict.fromkeys(f"{what} {e.record.name}: {e.provider()}" for what, e in used)
+    report.add("other plugins", "pass", "; ".join(shown))
+
+
 def validate(c: Compiled, *, seed: int = 0) -> Report:
-    """Run every check on a compiled hierarchy; ``report.ok`` is False when one fails."""
+    """Run every check on a compiled hierarchy; ``report.ok`` is False when one fails.
+
+    Raises :class:`~mlsgd_dsl.errors.PluginFailure` when the correction strategy's ``create``
+    returns something that is not a strategy (the runner would fail on it later).
+    """
     report = Report()
     h = c.hierarchy
+    c.correction()  # checked where it enters: a wrong kind of object is a PluginFailure
     report.add("references", "pass",
                f"{len(c.nodes)} levels, {c.graph.number_of_edges()} edges; data "
                f"{h.data.source!r}; families "
                f"{sorted({n.family.record.name for n in c.nodes.values()})}")
     report.add("graph", "pass", f"acyclic, connected, finest level {c.finest!r}; "
                f"cycle path(s): {' | '.join('->'.join(p) for p in c.paths)}")
+    _provider_rows(c, report)
     for coarse, fine in c.graph.edges:
         edge = c.edge(coarse, fine)
         rules = sorted({g.rule for g in edge.full})

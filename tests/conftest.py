@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import json
-import math
 import re
 import sys
 import textwrap
-import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,50 +13,7 @@ from typing import Any
 import pytest
 
 from mlsgd_dsl import registry as registry_module
-
-CORRECTIONS = "mlsgd_dsl.builtins.corrections"
-
-
-def _corrections_stand_in() -> types.ModuleType:
-    """A built-in-shaped module providing the correction names hierarchy files use."""
-    from pydantic import BaseModel, ConfigDict
-
-    from mlsgd_dsl.api import CorrectionStrategy
-    from mlsgd_dsl.hookspecs import hookimpl
-
-    class AnyOptions(BaseModel):  # the real strategies' options are not known here
-        model_config = ConfigDict(extra="allow")
-
-    module = types.ModuleType(CORRECTIONS)
-    module.MLSGD_DSL_API = ">=1.0"
-
-    @hookimpl
-    def mlsgd_corrections() -> list[CorrectionStrategy]:
-        return [CorrectionStrategy(name, AnyOptions, lambda options: None)
-                for name in ("none", "deterministic", "stochastic")]
-
-    module.mlsgd_corrections = mlsgd_corrections
-    return module
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _corrections_available() -> Any:
-    """Until the real corrections plugin exists, stand in for it.
-
-    The stand-in sits in ``sys.modules`` under the built-in's name, so every registry built in
-    this session (``build_registry()``, the CLI's own, the default one) picks it up exactly
-    as it will pick up the real module; it is never used once the real module imports.
-    """
-    try:
-        importlib.import_module(CORRECTIONS)
-    except Exception:  # missing, or still being written: its own tests will say so
-        sys.modules[CORRECTIONS] = _corrections_stand_in()
-        registry_module.set_default_registry(None)  # rebuilt on first use, with the stand-in
-        yield
-        sys.modules.pop(CORRECTIONS, None)
-        registry_module.set_default_registry(None)
-    else:
-        yield
+from mlsgd_dsl.tomlio import dumps
 
 
 @pytest.fixture(autouse=True)
@@ -87,46 +40,11 @@ def one_thread() -> Any:
 
 @pytest.fixture
 def registry() -> registry_module.Registry:
-    """The process-wide registry (built-ins, entry points, the corrections stand-in)."""
+    """The process-wide registry (built-ins and entry points)."""
     return registry_module.default_registry()
 
 
 # --------------------------------------------------------------------------- TOML files
-
-
-def _key(part: Any) -> str:
-    text = str(part)
-    if text and all(c.isascii() and (c.isalnum() or c in "_-") for c in text):
-        return text
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def dumps_toml(data: Mapping[str, Any], prefix: tuple = ()) -> str:
-    """A TOML writer good for test data: every leaf as one dotted-key line."""
-    lines = []
-    for key, value in data.items():
-        path = (*prefix, key)
-        if isinstance(value, Mapping) and value:
-            lines.append(dumps_toml(value, path))
-        else:
-            lines.append(f"{'.'.join(map(_key, path))} = {_value(value)}")
-    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -140,7 +58,7 @@ def tmp_hierarchy(tmp_path: Path) -> Callable[..., Path]:
         elif isinstance(content, str):
             path.write_text(textwrap.dedent(content), encoding="utf-8")
         else:
-            path.write_text(dumps_toml(content) + "\n", encoding="utf-8")
+            path.write_text(dumps(content), encoding="utf-8")
         return path
 
     return write

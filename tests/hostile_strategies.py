@@ -26,6 +26,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from mlsgd_dsl import tomlio
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -65,7 +67,9 @@ class Example:
                 f"overrides={self.overrides!r:.500}, text={shown!r})")
 
 
-# --------------------------------------------------------------------------- TOML writer
+# --------------------------------------------------------------------------- TOML text
+# Fragments for hand-made and deliberately broken lines (inline values, partial lines); whole
+# documents go through mlsgd_dsl.tomlio.
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 
@@ -113,23 +117,12 @@ def toml_value(value: Any) -> str:
 
 
 def dumps(doc: dict[str, Any], tables: bool = True) -> str:
-    """Serialise ``doc``; with ``tables`` top-level tables get ``[x]`` / ``[[x]]`` headers."""
-    lines: list[str] = []
-    later: list[tuple[str, str, Any]] = []
-    for key, value in doc.items():
-        if tables and isinstance(value, dict):
-            later.append(("table", key, value))
-        elif (tables and isinstance(value, list) and value
-              and all(isinstance(v, dict) for v in value)):
-            later.append(("array", key, value))
-        else:
-            lines.append(f"{toml_key(key)} = {toml_value(value)}")
-    for kind, key, value in later:
-        items = [value] if kind == "table" else value
-        for item in items:
-            lines.append(f"[{toml_key(key)}]" if kind == "table" else f"[[{toml_key(key)}]]")
-            lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in item.items())
-    return "\n".join(lines) + "\n"
+    """Serialise ``doc``: with ``tables`` by the project's one TOML writer (``[x]`` headers),
+    else every top-level key on one line with inline tables (a form no writer produces, which
+    the loader must read all the same)."""
+    if tables:
+        return tomlio.dumps(doc)
+    return "".join(f"{toml_key(key)} = {toml_value(value)}\n" for key, value in doc.items())
 
 
 def defang(value: Any) -> Any:

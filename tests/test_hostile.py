@@ -17,11 +17,6 @@ never a traceback, never a hang, never a multi-gigabyte allocation. Through the 
 * Named cases pin the expected key path of the message for 85 known-nasty inputs. Cases that
   the core gets wrong today are ``xfail(strict=False)`` with the bug in the reason.
 
-Core bugs already known (see ``KNOWN_BUGS``) are tolerated inside the property tests so that
-the rest of each property keeps being checked: a crash whose traceback matches a known bug's
-signature is counted (``hypothesis.event``), not failed, and inputs that would hang or exhaust
-memory because of a known bug are not run there (each has an xfail named case instead).
-``HOSTILE_STRICT=0`` turns the tolerance on (it is off by default).
 ``HOSTILE_EXAMPLES_SCALE=10`` runs ten times more examples; ``HOSTILE_TIME_LIMIT`` sets the
 per-call limit in seconds (default 5).
 """
@@ -32,7 +27,6 @@ import contextlib
 import importlib
 import io
 import itertools
-import math
 import mmap
 import os
 import re
@@ -72,9 +66,6 @@ WATCHDOG_S = 2 * TIME_LIMIT_S
 RSS_LIMIT = 1 << 30
 AS_HEADROOM = 3 << 30
 SCALE = float(os.environ.get("HOSTILE_EXAMPLES_SCALE", "1"))
-# The core bugs this file found are fixed, so no tolerance by default; HOSTILE_STRICT=0 brings
-# the known-bug tolerance back (for bisecting an old revision).
-STRICT = os.environ.get("HOSTILE_STRICT", "1") not in ("", "0")
 ERROR_PREFIX = "mlsgd-dsl: error: "
 ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "MemoryError",
                        "bad_alloc", "Cannot allocate memory", "out of memory")
@@ -93,115 +84,6 @@ HYPOTHESIS = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much, HealthCheck.large_base_example],
 )
-
-
-# =========================================================================== known core bugs
-
-
-@dataclass(frozen=True)
-class KnownBug:
-    id: str
-    summary: str
-    #: crash signature: exception type and a function name in its traceback (None: the bug
-    #: is a hang / allocation and is recognised from the input instead)
-    exc: type[BaseException] | None = None
-    function: str | None = None
-
-
-KNOWN_BUGS = {bug.id: bug for bug in [
-    KnownBug("empty-cycle-path",
-             "mlsgd.path = [[]] (or any empty path in a list of paths) passes the schema and "
-             "check_per_level; compiler._resolve_paths does p[-1] -> IndexError traceback",
-             IndexError, "_resolve_paths"),
-    KnownBug("extends-nul-byte",
-             'extends = "a\\u0000b" (top-level file inheritance): Path.resolve()/read_bytes '
-             "raise ValueError('embedded null byte'), which resolve_file_inheritance does not "
-             "catch -> traceback", ValueError, "resolve_file_inheritance"),
-    KnownBug("compile-time-per-layer",
-             "the compiler builds every residual layer on the meta device and runs the FLOP "
-             "counter through it (~7 ms per layer on 2 cores): the caps (256 layers per block, "
-             "8 blocks, 32 levels) still allow 65 536 layers, i.e. minutes of compile; one "
-             "level of 8 x 256 layers takes 14 s"),
-    KnownBug("tomllib-quadratic-dotted-keys",
-             "loader.read_toml hands any text under 1 MiB to tomllib, whose dotted-key handling "
-             "is quadratic in time and memory: one 40 KB line `a.a.a...= 1` (20 000 parts) "
-             "takes 7.6 s and 1.5 GB, 50 000 parts (100 KB) ~50 s and ~10 GB"),
-    KnownBug("validate-unbounded",
-             "validate builds every level for real in float64 and feeds random inputs of the "
-             "data's full size (validation._inputs / _function_rows), and enumerates every "
-             "simple path between every pair of levels (_path_rows): a valid file with a big "
-             "image size, a model under the 5e8-parameter cap, or a dense DAG of levels makes "
-             "it allocate many GB or run for hours"),
-]}
-
-
-def known_crash(exc: BaseException) -> KnownBug | None:
-    if STRICT:
-        return None
-    functions = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
-    for bug in KNOWN_BUGS.values():
-        if bug.exc is not None and isinstance(exc, bug.exc) and bug.function in functions:
-            return bug
-    return None
-
-
-MAX_LAYERS_TO_COMPILE = 150
-
-
-def costly_compile(h: Any) -> KnownBug | None:
-    """An input the compiler would spend many seconds on (``compile-time-per-layer``)."""
-    if STRICT:
-        return None
-    total = 0
-    for key, options in getattr(h, "_plugin_options", {}).items():
-        counts = getattr(options, "layer_counts", None)
-        if key[:1] == ("levels",) and callable(counts):
-            total += sum(counts())
-    return KNOWN_BUGS["compile-time-per-layer"] if total > MAX_LAYERS_TO_COMPILE else None
-
-
-MAX_DOTS_PER_LINE = 3_000
-
-
-def costly_text(ex: hs.Example) -> KnownBug | None:
-    """Text that would make tomllib run for minutes (``tomllib-quadratic-dotted-keys``)."""
-    if STRICT:
-        return None
-    texts = [*ex.files.values()]
-    texts += [str(o).encode() for o in (ex.overrides if isinstance(ex.overrides, list) else
-                                        list(ex.overrides or {}))]
-    if any(line.count(b".") > MAX_DOTS_PER_LINE for t in texts for line in t.splitlines()):
-        return KNOWN_BUGS["tomllib-quadratic-dotted-keys"]
-    return None
-
-
-def _count_paths(graph: Any) -> int:
-    import networkx as nx
-
-    total = 0
-    for source in graph:
-        ways = {source: 1}
-        for node in nx.topological_sort(graph):
-            for nxt in graph.successors(node):
-                ways[nxt] = ways.get(nxt, 0) + ways.get(node, 0)
-        total += sum(ways.values()) - 1
-    return total
-
-
-def costly_validate(compiled: Any) -> KnownBug | None:
-    """A valid file whose ``validate`` would allocate GBs / run for minutes (known bug)."""
-    if STRICT:
-        return None
-    nodes = list(compiled.nodes.values())
-    params = max(n.n_parameters for n in nodes)
-    pixels = max(math.prod(n.input_shape) for n in nodes)
-    flops = sum((n.flops or 0.0) for n in nodes)
-    # float64 weights of two models, inputs of 4 images with up to ~64 feature maps
-    memory = 2 * 8 * params + 4 * 8 * pixels * 64
-    if memory > (256 << 20) or flops > 2e8 or params > 300_000 \
-            or _count_paths(compiled.graph) > 64:
-        return KNOWN_BUGS["validate-unbounded"]
-    return None
 
 
 # =========================================================================== guard
@@ -369,7 +251,6 @@ def materialised(ex: hs.Example, root: Path) -> Iterator[tuple[Path, list[str]]]
 class ApiOutcome:
     error: UserError | None = None
     compiled: Any = None
-    skipped: str | None = None
     message: str = ""
 
 
@@ -396,22 +277,12 @@ def run_api(ex: hs.Example, main: Path, names: list[str], overrides: Any = None
     """``load`` + ``compile`` under the guard; only UserError may escape."""
     outcome = ApiOutcome()
     what = ex.label or repr(ex)[:300]
-    bug = costly_text(ex)
-    if bug is not None:
-        outcome.skipped = bug.id
-        STATS[f"known bug {bug.id}"] += 1
-        event(f"known core bug: {bug.id}")
-        return outcome
     with bounded() as usage:
         stage = "load"
         try:
             h = mlsgd_dsl.load(main, overrides)
             stage = "compile"
-            bug = costly_compile(h)
-            if bug is not None:
-                outcome.skipped = bug.id
-            else:
-                outcome.compiled = mlsgd_dsl.compile(h)
+            outcome.compiled = mlsgd_dsl.compile(h)
         except UserError as exc:
             outcome.error = exc
         except Hang:
@@ -419,16 +290,9 @@ def run_api(ex: hs.Example, main: Path, names: list[str], overrides: Any = None
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - the point of the test
-            bug = known_crash(exc)
-            if bug is None:
-                pytest.fail(f"{type(exc).__name__} escaped load/compile: {exc!s:.500}\n"
-                            f"input: {what}\n" + "".join(traceback.format_exception(exc)))
-            outcome.skipped = bug.id
+            pytest.fail(f"{type(exc).__name__} escaped load/compile: {exc!s:.500}\n"
+                        f"input: {what}\n" + "".join(traceback.format_exception(exc)))
     check_usage(usage, what)
-    if outcome.skipped:
-        STATS[f"known bug {outcome.skipped}"] += 1
-        event(f"known core bug: {outcome.skipped}")
-        return outcome
     if outcome.error is not None:
         outcome.message = str(outcome.error)
         size = ex.size() + (hs.QUICKSTART.stat().st_size if overrides is not None else 0)
@@ -456,13 +320,8 @@ def run_cli(argv: list[str], what: str) -> tuple[int, str, str, Usage]:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001
-            bug = known_crash(exc)
-            if bug is None:
-                pytest.fail(f"{type(exc).__name__} escaped cli.main: {exc!s:.500}\n"
-                            f"input: {what}\n" + "".join(traceback.format_exception(exc)))
-            STATS[f"known bug {bug.id}"] += 1
-            event(f"known core bug: {bug.id}")
-            return -1, out.getvalue(), err.getvalue(), usage
+            pytest.fail(f"{type(exc).__name__} escaped cli.main: {exc!s:.500}\n"
+                        f"input: {what}\n" + "".join(traceback.format_exception(exc)))
     return rc, out.getvalue(), err.getvalue(), usage
 
 
@@ -470,19 +329,9 @@ def check_cli(ex: hs.Example, main: Path, names: list[str], api: ApiOutcome,
               overrides: list[str] | None = None) -> None:
     """The CLI agrees with the API: same first line on stderr, exit 2; or 0/1 for valid."""
     what = ex.label or repr(ex)[:300]
-    if api.skipped:
-        return
-    if api.compiled is not None:
-        bug = costly_validate(api.compiled)
-        if bug is not None:
-            STATS[f"known bug {bug.id}"] += 1
-            event(f"known core bug: {bug.id} (CLI not run)")
-            return
     argv = ["validate", str(main), *[f"--set={o}" for o in overrides or []]]
     rc, out, err, usage = run_cli(argv, what)
     STATS["cli runs"] += 1
-    if rc == -1:  # a known crash (counted by run_cli)
-        return
     check_usage(usage, what)
     assert "Traceback" not in out + err, f"traceback printed: {what}\n{err[-2000:]}"
     check_no_allocation_failure(out + err, what)
@@ -838,7 +687,6 @@ def _case_param(case: Case) -> Any:
 
 @pytest.mark.parametrize("case", [_case_param(c) for c in CASES])
 def test_named_adversarial_case(case: Case, tmp_path: Path) -> None:
-    global STRICT
     folder = tmp_path / "case"
     folder.mkdir()
     if case.main == "<dir>":
@@ -856,7 +704,6 @@ def test_named_adversarial_case(case: Case, tmp_path: Path) -> None:
     if case.setup is not None:
         case.setup(folder)
     argv = ["validate", str(main), *[f"--set={o}" for o in case.overrides]]
-    strict, STRICT = STRICT, True  # no tolerance for known bugs here: they are xfail
     cwd = Path.cwd()
     os.chdir(folder)  # where the import family would create its directory
     try:
@@ -873,7 +720,6 @@ def test_named_adversarial_case(case: Case, tmp_path: Path) -> None:
                 pytest.fail(f"{type(exc).__name__} escaped cli.main: {exc!s:.300}")
     finally:
         os.chdir(cwd)
-        STRICT = strict
     stdout, stderr = out.getvalue(), err.getvalue()
     check_usage(usage, case.id)
     assert usage.seconds < case.limit_s, f"took {usage.seconds:.1f} s: {case.id}"
@@ -922,8 +768,6 @@ def test_mapping_override_nested_deeply() -> None:
         mlsgd_dsl.load(hs.QUICKSTART, {"mlsgd.cycles": deep})
     except UserError as exc:
         assert "--set" in str(exc) or "nested" in str(exc)
-    except RecursionError:
-        pytest.xfail("loader._to_toml_value recurses without a depth limit (RecursionError)")
     else:
         pytest.fail("a 5 000-deep override value was accepted")
 

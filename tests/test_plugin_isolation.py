@@ -246,31 +246,48 @@ def test_exception_in_an_operator_is_a_failing_row(plugin, run_cli, tmp_hierarch
 # --------------------------------------------------------------------------- duplicate names
 
 
-def test_duplicate_name_leaves_the_plugin_out(plugin, run_cli, tmp_hierarchy) -> None:
+def test_a_name_shared_with_a_builtin_is_refused_until_one_is_blocked(plugin, run_cli,
+                                                                      tmp_hierarchy) -> None:
     label = plugin("duplicate")
     reg = build_registry()
-    assert reg.broken["duplicate"] == (f"{label}: registers transfer rule 'identity', which "
-                                       "plugin transfers (built-in) already provides")
-    # all or nothing: its other rule is not half-registered
-    assert "dup.mine" not in reg.names("transfer rules")
-    assert reg.get("transfer rules", "identity").plugin == "transfers"
-    # a file using 'identity' goes on with the built-in
+    assert "duplicate" not in reg.broken  # the plugin itself loads
+    assert "dup.mine" in reg.names("transfer rules")  # its unique names are usable
+    assert [e.label() for e in reg.conflicts["transfer rules"]["identity"]] == [
+        "plugin transfers (built-in)", label]
+    # a file using 'identity' (as the default rule) names both providers and how to pick one
     rc, out, err = run_cli(["validate", tmp_hierarchy(hierarchy())])
+    assert rc == 2 and not out
+    assert ("transfer.default: transfer rule 'identity' is provided by 2 plugins: plugin "
+            f"transfers (built-in) and {label}") in err
+    assert "-p no:transfers or -p no:duplicate" in err and "Traceback" not in err
+    # picking one: block the other
+    rc, out, err = run_cli(["-p", "no:duplicate", "validate", tmp_hierarchy(hierarchy())])
     assert rc == 0, out + err
-    rc, out, err = run_cli(["validate", tmp_hierarchy(hierarchy("dup.mine"))])
-    assert rc == 2 and f"{label}: registers transfer rule 'identity'" in err
+    rc, out, err = run_cli(["plugins"])
+    assert rc == 0 and "identity (CONFLICT)" in out
+    assert f"CONFLICT transfer rule 'identity' is provided by 2 plugins: plugin transfers " \
+           f"(built-in) and {label}" in out
 
 
-def test_duplicate_between_two_installed_plugins(plugin, install_plugin) -> None:
-    plugin("good")
-    install_plugin(PLUGINS["good"], ep="good_again", dist="mlsgd_good_again", version="0.2")
+def test_duplicate_between_two_installed_plugins_whoever_installs_first(
+        plugin, install_plugin, run_cli, tmp_hierarchy) -> None:
+    # Before: the distribution whose name sorted first won and the other ran under its name.
+    # Install order and name order are both varied: neither may decide.
+    install_plugin(PLUGINS["good"], ep="good_again", dist="mlsgd_aaa_first", version="0.2")
+    label = plugin("good")
     reg = build_registry()
-    # entry points load in an unspecified order: exactly one of the two owns the name
-    owner = reg.get("transfer rules", "good.copy")
-    other = "good_again" if owner.plugin == "good" else "good"
-    assert other in reg.broken
-    assert f"registers transfer rule 'good.copy', which {owner.label()} already provides" \
-        in reg.broken[other]
+    assert "good.copy" not in reg.items["transfer rules"]
+    entries = reg.conflicts["transfer rules"]["good.copy"]
+    assert sorted(e.label() for e in entries) == [
+        "plugin good (mlsgd_good 0.1)", "plugin good_again (mlsgd_aaa_first 0.2)"]
+    assert not reg.broken
+    rc, out, err = run_cli(["validate", tmp_hierarchy(hierarchy("good.copy"))])
+    assert rc == 2 and "mlsgd_aaa_first 0.2" in err and "mlsgd_good 0.1" in err
+    rc, out, err = run_cli(["-p", "no:good_again", "validate",
+                            tmp_hierarchy(hierarchy("good.copy"))])
+    assert rc == 0, out + err
+    row = next(line for line in out.splitlines() if line.startswith("rule good.copy "))
+    assert "mlsgd_good 0.1 (plugin good)" in row and label.startswith("plugin good ")
 
 
 # --------------------------------------------------------------------------- wrong operators

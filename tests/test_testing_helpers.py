@@ -69,7 +69,7 @@ def test_three_line_test_of_a_builtin_rule() -> None:
                                 fine={"layers.0.w": (3, 3), "layers.1.w": (3, 3)},
                                 h_coarse=2.0, h_fine=1.0)
     assert [r.name.rsplit(": ", 1)[1] for r in rows] == ["bind", "shapes", "R∘P = I",
-                                                         "adjoint", "linearity"]
+                                                         "linearity", "adjoint"]
     assert all(r.status == "pass" for r in rows)
     assert rows[0].name == "coarse->fine * [depth.constant]: bind"
 
@@ -156,7 +156,7 @@ def test_bind_errors_are_rows() -> None:
     assert row.detail == "rule test.rule: raised ZeroDivisionError while binding: oops"
     (row,) = check_rule(rule(IdentityOperator, bind=lambda s, o: None), {"b": (3,)},
                         {"b": (3,)})
-    assert "bind returned NoneType, not a GroupOperator" in row.detail
+    assert "bind returned None, not a GroupOperator" in row.detail
 
 
 def test_registered_rule_is_labelled_with_its_plugin() -> None:

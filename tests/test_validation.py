@@ -161,7 +161,8 @@ def test_shipped_file_validates(path) -> None:
     assert not [r for r in report.rows if r.status == "fail"]
     names = [r.name for r in report.rows]
     assert names[:2] == ["references", "graph"]
-    for kind in ("coverage", "cost", "shapes", "R∘P = I", "adjoint", "function preservation"):
+    for kind in ("coverage", "cost", "shapes", "R∘P = I", "linearity", "adjoint",
+                 "function preservation"):
         assert any(n.endswith(kind) for n in names), kind
 
 
@@ -170,7 +171,7 @@ def test_quickstart_rows() -> None:
                                                                  "quickstart.toml")))
     built_in = [r for r in report.rows if r.name in ("references", "graph")
                 or r.name.startswith(("coarse->mid", "mid->fine"))]
-    assert len(built_in) == 20 and {r.status for r in built_in} == {"pass"}
+    assert len(built_in) == 24 and {r.status for r in built_in} == {"pass"}
     [adjoint] = rows(report, "mid->fine blocks.*.layers.* [depth.constant]: adjoint")
     assert adjoint.detail.startswith("P* vs autograd 0.0e+00")
     table = report.table()

@@ -10,12 +10,12 @@ missing from it).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import RunError
+from ..tomlio import hierarchy_dumps
 from .checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_bytes,
@@ -26,48 +26,6 @@ from .checkpoint import (
 
 #: 2: the correction strategy's ``state_dict()`` under ``"strategy"`` (1 had none)
 CHECKPOINT_FORMAT = 2
-
-
-def _toml_key(key: str) -> str:
-    if key and all(ch.isalnum() or ch in "_-" for ch in key):
-        return key
-    return json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}"
-                                for k, v in value.items() if v is not None) + " }"
-    return json.dumps(str(value))
-
-
-def toml_dumps(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
-    """A small TOML writer for resolved configurations (``None`` values are left out)."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict]] = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and value:
-            tables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(str(key))} = {_toml_value(value)}")
-    out = "\n".join(lines)
-    for key, value in tables:
-        name = ".".join(_toml_key(str(k)) for k in (*prefix, key))
-        body = toml_dumps(value, (*prefix, key))
-        out += ("\n\n" if out else "") + f"[{name}]" + ("\n" + body if body else "")
-    return out
 
 
 class RunFolder:
@@ -92,7 +50,7 @@ class RunFolder:
         atomic_write_bytes(self.out_dir / "resolved.json",
                            (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
         atomic_write_bytes(self.out_dir / "resolved.toml",
-                           (toml_dumps(cfg) + "\n").encode("utf-8"))
+                           hierarchy_dumps(cfg).encode("utf-8"))
 
     def save_checkpoint(self, payload: dict[str, Any]) -> None:
         if self.checkpoints and self.is_main:
