@@ -122,7 +122,8 @@ def test_plugin_needing_a_newer_api_is_refused_by_name(install_plugin) -> None:
 
 
 @pytest.mark.parametrize(("need", "refused"), [
-    (None, None), (">=1.0", None), ("==1.0", None), ("1.0", None), ("1", None),
+    (None, None), (">=1.0", None), ("==1.1", None), ("1.0", None), ("1", None),
+    ("==1.0", "needs plugin API ==1.0"),
     (">=2.0", "needs plugin API >=2.0"), (">=1.2", "needs plugin API >=1.2"),
     ("==0.9", "needs plugin API ==0.9"), ("banana", "which is not a version"),
 ])
