@@ -68,7 +68,6 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +75,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, PluginFailure, RunError, UserError
-from . import bn, distributed
+from . import bn, distributed, rundir
 from .checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_bytes,
     load_checkpoint,
+    network_mismatch,
     previous_path,
     rng_state,
     save_checkpoint,
@@ -207,7 +207,8 @@ class Trainer:
 
     def __init__(self, compiled: Any, *, out_dir: Path | str | None = None,
                  resume: Path | str | None = None, device: str | None = None,
-                 quiet: bool = False, validate: bool = True, force: bool = False) -> None:
+                 quiet: bool = False, validate: bool = True, force: bool = False,
+                 overwrite: bool = False) -> None:
         self.c = compiled
         self.h = compiled.hierarchy
         self.spec = self.h.mlsgd
@@ -225,15 +226,12 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
 
-        if resume is not None:
-            resume = Path(resume)
-            out_dir = Path(out_dir) if out_dir is not None else resume
-        if out_dir is None:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            out_dir = distributed.broadcast_object(f"runs/{self.h.name}-{stamp}")
-        self.out_dir = Path(out_dir)
-        self.resume_dir = resume
+        # only looks: the folder is created in start(), once every check has passed
+        self.folder = rundir.plan(out_dir, resume, name=self.h.name, overwrite=overwrite)
+        self.out_dir = self.folder.path or rundir.RUNS_ROOT
+        self.resume_dir = self.folder.resume_from
         self.force = force
+        self._set_aside: Path | None = None
 
         if validate:
             self._validate()
@@ -526,8 +524,7 @@ class Trainer:
                 where = ""
                 if hook_name in ("mlsgd_epoch_end", "mlsgd_cycle_end") and \
                         self.h.report.checkpoint != "none":
-                    where = (f"; the checkpoint after cycle {self.cycles_done} is in "
-                             f"{self.out_dir} — continue with --resume {self.out_dir}")
+                    where = f"; {rundir.checkpoint_note(self.out_dir, self.cycles_done)}"
                 raise PluginFailure(f"{_plugin_label(self.c, impl)}: hook {hook_name} raised "
                                     f"{type(exc).__name__}: {exc}{where}") from None
 
@@ -693,8 +690,8 @@ class Trainer:
                 raise RunError(
                     f"the loss became {stats.loss if stats else 'NaN'} on the finest level "
                     f"{level!r} in cycle {self.cycle}, epoch {result.epoch_index} of the "
-                    f"visit; the last good checkpoint (after cycle {self.cycles_done}) is in "
-                    f"{self.out_dir}", file=getattr(self.c, "file", None))
+                    f"visit; {rundir.checkpoint_note(self.out_dir, self.cycles_done)}",
+                    file=getattr(self.c, "file", None))
             if self.spec.divergence.action == "stop":
                 self.stop_reason = f"diverged on level {level} in cycle {self.cycle}"
         elif result.status == "time":
@@ -722,6 +719,9 @@ class Trainer:
                 "finest": self.levels[self.finest].model.state_dict(),
                 "optimizers": {n: lv.optimizer.state_dict() for n, lv in self.levels.items()
                                if keep and lv.optimizer is not None},
+                "optimizer_kinds": {n: type(lv.optimizer).__name__
+                                    for n, lv in self.levels.items()
+                                    if keep and lv.optimizer is not None},
                 "rng": rng_state(),
                 "generator": self.generator.get_state(),
                 "stop_reason": self.stop_reason,
@@ -772,11 +772,20 @@ class Trainer:
             print(f"mlsgd-dsl: warning: {failures[0].message.split(';')[0]} "
                   f"({current}); resuming from {path.name} (after cycle "
                   f"{ck.get('cycles_done')}), the copy before it", file=sys.stderr)
-            if current.is_file():
-                current.replace(current.with_name(current.name + ".corrupt"))
+            if current.is_file():  # set aside in the folder this run writes (start())
+                self._set_aside = current
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"checkpoint format {ck.get('format')!r} is not "
                            f"{CHECKPOINT_FORMAT}", file=str(path))
+        # first: a different network is refused even with --force (it cannot be loaded)
+        problem = network_mismatch(ck.get("finest"),
+                                   self.levels[self.finest].model.state_dict())
+        if problem:
+            raise RunError(
+                f"this checkpoint holds a different network than level {self.finest!r} of "
+                f"{getattr(self.c, 'file', 'this hierarchy')} ({problem}); --force accepts "
+                "changed settings, never a different network: start a new run instead",
+                file=str(path))
         if ck.get("config_hash") != self.config_hash and not self.force:
             raise RunError(
                 f"the hierarchy changed since this checkpoint (config hash "
@@ -791,10 +800,20 @@ class Trainer:
                   f"process(es), this run has {self.world}; the global batch is the same",
                   file=sys.stderr)
         self.levels[self.finest].load_state(ck["finest"])
+        kinds = ck.get("optimizer_kinds", {})
         for name, state in ck.get("optimizers", {}).items():
             if name in self.levels:
                 lv = self.levels[name]
-                lv.new_optimizer().load_state_dict(state)
+                opt = lv.new_optimizer()
+                if kinds.get(name, type(opt).__name__) != type(opt).__name__:
+                    continue  # a forced resume changed the optimiser: it starts afresh
+                try:
+                    opt.load_state_dict(state)
+                except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                    raise RunError(f"the optimiser state of level {name!r} does not fit this "
+                                   f"hierarchy's level ({exc}); --force accepts changed "
+                                   "settings, never a different network",
+                                   file=str(self.resume_dir / CHECKPOINT_NAME)) from None
         for name, epochs in ck.get("level_epochs", {}).items():
             if name in self.levels:
                 self.levels[name].epochs_done = float(epochs)
@@ -821,7 +840,12 @@ class Trainer:
     def start(self) -> int:
         """Open the run folder (or restore the checkpoint); return the first cycle to run."""
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.out_dir = rundir.open_folder(self.folder)
+            if self._set_aside is not None:
+                aside = self.out_dir / self._set_aside.name
+                if aside.is_file():
+                    aside.replace(aside.with_name(aside.name + ".corrupt"))
+        self.out_dir = Path(distributed.broadcast_object(str(self.out_dir)))
         if self.resume_dir is not None:
             start = self._restore()
         else:
@@ -870,10 +894,10 @@ class Trainer:
                 self._checkpoint(k)
                 self._emit("mlsgd_cycle_end", run=self, cycle=k - 1)
         except KeyboardInterrupt:
+            # cycles counted as in metrics.csv (from 0); the checkpoint by completed cycles
             raise RunError(
-                f"interrupted during cycle {self.cycle}; the checkpoint after cycle "
-                f"{self.cycles_done} is in {self.out_dir} — continue with --resume "
-                f"{self.out_dir}") from None
+                f"interrupted during cycle {self.cycle} (counted from 0, as in metrics.csv); "
+                f"{rundir.checkpoint_note(self.out_dir, self.cycles_done)}") from None
         finally:
             self.bar.close()
 
@@ -923,17 +947,20 @@ class Trainer:
 
 def run(compiled: Any, *, out_dir: Path | str | None = None, resume: Path | str | None = None,
         device: str | None = None, quiet: bool = False, validate: bool = True,
-        force: bool = False) -> dict[str, Any]:
+        force: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train ``compiled`` and return the run summary (also written to the run folder).
 
     ``resume``: a run folder; training continues after its last checkpoint (no cycle repeated
     or lost). A changed configuration is refused (:class:`~mlsgd_dsl.errors.RunError`) unless
     ``force``. ``device``: "auto" | "cpu" | "cuda" (default: ``mlsgd.device``).
+    ``out_dir`` must be new or empty; a folder holding a run is replaced only with
+    ``overwrite``. ``resume`` with a different ``out_dir`` forks the run into ``out_dir``
+    (see :mod:`mlsgd_dsl.runner.rundir`).
     """
     owned = not distributed.initialized()
     try:
         trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device,
-                          quiet=quiet, validate=validate, force=force)
+                          quiet=quiet, validate=validate, force=force, overwrite=overwrite)
         return trainer.fit()
     finally:  # also when the trainer could not be built (a refused resume, a bad file)
         distributed.teardown(owned)
