@@ -153,7 +153,7 @@ def test_two_runs_started_together_without_out_both_survive(files, tmp_path) -> 
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_, err) in zip(procs, results):
         assert p.returncode == 0 and "Traceback" not in err, err
     folders = [out.split("run folder: ")[1].splitlines()[0] for out, _ in results]
     assert len(set(folders)) == 2, folders
