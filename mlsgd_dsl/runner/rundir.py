@@ -79,7 +79,8 @@ def _check_target(out: Path, overwrite: bool) -> bool:
         if not out.is_dir():
             raise RunError("is a file, not a folder; name a new or empty folder with --out",
                            file=str(out))
-        entries = sorted(p.name for p in out.iterdir())
+        # visible names first: they say more about the folder than .git does
+        entries = sorted((p.name for p in out.iterdir()), key=lambda n: (n.startswith("."), n))
     except OSError as exc:
         raise RunError(f"cannot use it as the run folder ({exc.strerror or exc})",
                        file=str(out)) from None
