@@ -387,7 +387,10 @@ def resolve_file_inheritance(data: dict[str, Any], file: str, base_dir: Path | N
     try:
         base = resolve_file_inheritance(read_toml(text, str(target)), str(target),
                                         target.parent, (*chain, str(target)))
-    except ConfigError as exc:  # name the key that asked for the file, and its file
+    except ConfigError as exc:
+        if exc.path[:1] == ("extends",):  # about the other file's own `extends`: it says so
+            raise
+        # the other file is not a valid hierarchy: name the key that asked for it, and its file
         raise ConfigError(f"in inherited file {parent!r}: {exc}", file=file,
                           path=("extends",)) from None
     child = {k: v for k, v in data.items() if k != "extends"}

@@ -839,13 +839,22 @@ class Trainer:
 
     def start(self) -> int:
         """Open the run folder (or restore the checkpoint); return the first cycle to run."""
-        if self.is_main:
-            self.out_dir = rundir.open_folder(self.folder)
-            if self._set_aside is not None:
-                aside = self.out_dir / self._set_aside.name
+        opened, error = None, None
+        if self.is_main:  # rank 0 creates the folder; every rank learns its name (or the error)
+            try:
+                opened = str(rundir.open_folder(self.folder))
+            except UserError as exc:
+                error = exc
+            if error is None and self._set_aside is not None:
+                aside = Path(opened) / self._set_aside.name
                 if aside.is_file():
                     aside.replace(aside.with_name(aside.name + ".corrupt"))
-        self.out_dir = Path(distributed.broadcast_object(str(self.out_dir)))
+        opened, message = distributed.broadcast_object((opened, str(error) if error else None))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunError(message)
+        self.out_dir = Path(opened)
         if self.resume_dir is not None:
             start = self._restore()
         else:
