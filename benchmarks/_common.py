@@ -79,7 +79,9 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def workdir(args: argparse.Namespace):
-    """The folder run folders go to: ``--workdir`` (kept) or a temporary one (removed)."""
+    """The folder run folders go to: ``--workdir`` (kept) or a temporary one (removed).
+
+    The benchmarks own it: they pass ``overwrite=True``, so a rerun replaces its runs."""
     if args.workdir:
         path = Path(args.workdir)
         path.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ def one_cycle(args: Any, compiled: Any, out: Path, prof: Profiler) -> dict[str, 
 
     prof.reset()
     summary = mlsgd_dsl.run(compiled, out_dir=out, quiet=True, device=args.device,
-                            validate=False)
+                            validate=False, overwrite=True)
     rows = read_rows(out)
     events = [str(r.get("event")) for r in rows if r.get("event")]
     return {"cycle": float(summary["training_time"]), "parts": dict(prof.total),
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(C.ROOT / STRATEGIES["none"][0]),
                 overrides={**overrides["none"], "mlsgd.epochs": 0.05}))
             mlsgd_dsl.run(warm, out_dir=work / "warmup", quiet=True, device=args.device,
-                          validate=False)
+                          validate=False, overwrite=True)
             for rep in range(args.reps):
                 for n in C.rotate(names, rep):
                     r = one_cycle(args, compiled[n], work / f"{n}-{rep}", prof)

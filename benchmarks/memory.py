@@ -84,7 +84,7 @@ def child(spec: dict[str, Any]) -> int:
         del models
     else:
         mlsgd_dsl.run(compiled, out_dir=spec["out"], quiet=True, device=spec["device"],
-                      validate=False)
+                      validate=False, overwrite=True)
     result = {"contender": spec["contender"], "seconds": time.perf_counter() - t0,
               "at_start_mib": before.get("VmHWM_mib", before["ru_maxrss_mib"]), **peak()}
     if spec["device"] == "cuda":

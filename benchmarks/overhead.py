@@ -105,7 +105,7 @@ def bench_hierarchy(args: Any, name: str, work: Path) -> dict[str, Any]:
     file = str(C.ROOT / FILES[name])
     compiled = mlsgd_dsl.compile(mlsgd_dsl.load(file, overrides=overrides))
     trainer = Trainer(compiled, out_dir=work / f"{name}-trainer", quiet=True,
-                      device=args.device, validate=False)
+                      device=args.device, validate=False, overwrite=True)
     device = trainer.device
     spec = compiled.hierarchy.mlsgd
     aug = compiled.hierarchy.data.augment
@@ -140,7 +140,7 @@ def bench_hierarchy(args: Any, name: str, work: Path) -> dict[str, Any]:
 
     def run_epoch(k: int) -> float:
         summary = mlsgd_dsl.run(sgd_compiled, out_dir=work / f"{name}-run{k}", quiet=True,
-                                device=args.device, validate=False)
+                                device=args.device, validate=False, overwrite=True)
         return float(summary["training_time"])
 
     # warm-up: a few batches of everything (first-call allocations, lazy initialisation)

@@ -317,7 +317,7 @@ def run_one(setup: Setup, name: str, seed: int, horizon: int, out: Path) -> dict
     t0 = time.time()
     try:
         summary = mlsgd_dsl.run(c, out_dir=out, quiet=True, device=setup.args.device,
-                                validate=False)
+                                validate=False, overwrite=True)
     except UserError as exc:  # e.g. NaN on the finest level: report, go on with the others
         record.update(error=str(exc).splitlines()[0], wall=time.time() - t0)
         rows = read_rows(out) if (out / "metrics.jsonl").is_file() else []
@@ -379,7 +379,7 @@ def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]
         o.pop("mlsgd.sgd_epochs", None)
         out = work / "calibrate-sgd"
         mlsgd_dsl.run(load_compiled(setup, o), out_dir=out, quiet=True, device=args.device,
-                      validate=False)
+                      validate=False, overwrite=True)
         times = [0.0] + [r["train_time"] for r in read_rows(out) if r.get("train_loss")
                          is not None]
         durations = [b - a for a, b in zip(times, times[1:])]
@@ -398,7 +398,7 @@ def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]
             o["mlsgd.epochs"] = {n: setup.epochs[n] * f for n in setup.levels}
         out = work / "calibrate-mlsgd"
         mlsgd_dsl.run(load_compiled(setup, o), out_dir=out, quiet=True, device=args.device,
-                      validate=False)
+                      validate=False, overwrite=True)
         rows = read_rows(out)
         ends = {}
         for r in rows:

@@ -127,8 +127,8 @@ class ExamplePlugin:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny data, one cycle (CI)")
-    parser.add_argument("--out", type=Path, default=Path("runs/custom-rule"),
-                        help="run folder (default: runs/custom-rule)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder, new or empty (default: a new runs/quickstart-TIME)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 

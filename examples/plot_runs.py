@@ -41,7 +41,8 @@ def train_two(out: Path, tiny: bool) -> list[Path]:
     runs = []
     for name, extra in (("mlsgd", {}), ("sgd", sgd)):
         compiled = mlsgd_dsl.compile(mlsgd_dsl.load(QUICKSTART, {**base, **extra}))
-        summary = mlsgd_dsl.run(compiled, out_dir=out / name, quiet=True)
+        # this script owns out/mlsgd and out/sgd: a rerun replaces them
+        summary = mlsgd_dsl.run(compiled, out_dir=out / name, quiet=True, overwrite=True)
         print(f"{name}: val acc {summary['val_acc']:.3f} after {summary['training_time']:.1f} s")
         runs.append(out / name)
     return runs

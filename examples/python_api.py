@@ -2,7 +2,7 @@
 
     python examples/python_api.py                 # the quickstart as shipped (about a minute)
     python examples/python_api.py --tiny          # a few seconds (what CI runs)
-    python examples/python_api.py --out runs/api  # where the run folder goes
+    python examples/python_api.py --out runs/api  # the run folder (new or empty)
 
 Everything the command line does is four calls; see docs/python-api.md.
 """
@@ -28,8 +28,8 @@ TINY = {"data.options.train": 400, "data.options.test": 200, "data.validation": 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny data, one cycle (CI)")
-    parser.add_argument("--out", type=Path, default=Path("runs/python-api"),
-                        help="run folder (default: runs/python-api)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder, new or empty (default: a new runs/quickstart-TIME)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -69,7 +69,7 @@ def main() -> None:
     for threshold, seconds in summary["time_to"].items():
         reached = f"after {seconds:.1f} s" if seconds is not None else "not reached"
         print(f"  {float(threshold):.0%} validation accuracy: {reached}")
-    rows = read_rows(args.out)
+    rows = read_rows(summary["run_dir"])
     evaluated = [r for r in rows if r["val_acc"] is not None]
     print(f"metrics.jsonl: {len(rows)} rows, {len(evaluated)} with a validation accuracy; "
           f"epochs per level {summary['epochs']}")

@@ -147,6 +147,13 @@ class RawData:
     classes: list[str] | None = None
 
 
+#: ``json_schema_extra`` of a data source option that names a file or folder: a relative value
+#: is taken from the hierarchy file's folder (the compiler makes it absolute before ``load``),
+#: and the value is left out of the configuration hash (where the data lies does not change
+#: the training; moving a project must not block ``--resume``).
+FILE_PATH: dict[str, Any] = {"file_path": True}
+
+
 @dataclass(frozen=True)
 class DataContext:
     seed: int

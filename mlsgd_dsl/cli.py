@@ -43,10 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the numerical checks")
 
     r = with_file("run", "train a hierarchy and write a run folder")
-    r.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
+    r.add_argument("--out", type=Path, default=None,
+                   help="run folder, new or empty (default: a new runs/NAME-TIME)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out already holds")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     r.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint")
+                   help="continue the run in RUN_DIR from its last checkpoint (with --out "
+                        "OTHER: continue a copy in OTHER, RUN_DIR untouched)")
     r.add_argument("--force", action="store_true",
                    help="resume even though the hierarchy changed since the checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -120,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.file}: no such file")
     compiled = _compiled(argparse.Namespace(**{**vars(args), "overrides": overrides}))
     summary = run(compiled, out_dir=args.out, resume=args.resume, device=args.device,
-                  quiet=args.quiet, validate=not args.no_validate, force=args.force)
+                  quiet=args.quiet, validate=not args.no_validate, force=args.force,
+                  overwrite=args.overwrite)
     if summary.get("rank", 0):  # under torchrun, rank 0 reports for all
         return 0
     out = summary.get("run_dir", "")

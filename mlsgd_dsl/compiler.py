@@ -21,6 +21,7 @@ from torch import nn
 
 from .api import DataContext, GroupSpec, ModelContext, TransferBindError
 from .contract import module_problem, operator_problem, raw_data_problem, strategy_problem
+from .data.check import check_raw
 from .errors import ConfigError, PluginFailure, UserError
 from .operators import BoundGroup, EdgeTransfer, Transfer
 from .registry import Entry, Registry
@@ -53,7 +54,9 @@ class Compiled:
         self.file: str = getattr(hierarchy, "_file", "<hierarchy>")
         self.registry: Registry = hierarchy._registry
         self.base_dir: Path | None = getattr(hierarchy, "_base_dir", None)
-        self._options: dict[tuple, Any] = hierarchy._plugin_options
+        self._options: dict[tuple, Any] = dict(hierarchy._plugin_options)
+        self._check_validation_split()
+        self._resolve_data_paths()
         self._transfers: dict[tuple[str, str], Transfer] = {}
         self._data_cache: dict[str, Any] = {}
         self.nodes: dict[str, LevelNode] = {}
@@ -68,12 +71,34 @@ class Compiled:
     def _err(self, message: str, path: tuple) -> ConfigError:
         return ConfigError(message, file=self.file, path=path)
 
+    def _check_validation_split(self) -> None:
+        if self.hierarchy.data.validation == 0:
+            raise self._err("must be at least 1 image, or a fraction above 0: the run measures "
+                            "val_acc, the time to each threshold and the final validation "
+                            "accuracy on this split", ("data", "validation"))
+
+    def _resolve_data_paths(self) -> None:
+        """Relative file paths among the data source's options are taken from the hierarchy
+        file's folder, as ``extends`` and ``import`` modules are."""
+        options = self._options[("data",)]
+        if self.base_dir is None:
+            return
+        update = {}
+        for name in _path_fields(options):
+            value = getattr(options, name)
+            if isinstance(value, str) and value and \
+                    not Path(value).expanduser().is_absolute():
+                update[name] = str(self.base_dir / value)
+        if update:
+            self._options[("data",)] = options.model_copy(update=update)
+
     def _build_nodes(self) -> None:
         h = self.hierarchy
         src_entry, src_opts = self.registry.get("data sources", h.data.source), \
             self._options[("data",)]
         try:
             c, hh, ww, classes = src_entry.record.shape(src_opts)
+            self.data_shape = (int(c), int(hh), int(ww), int(classes))
         except UserError as exc:
             if exc.file is None:
                 raise type(exc)(exc.message, file=self.file, path=("data", "options")) from None
@@ -121,7 +146,7 @@ class Compiled:
                device: str | None = None) -> nn.Module:
         if self.base_dir is not None and hasattr(options, "search_path"):
             options = options.model_copy(
-                update={"search_path": [*options.search_path, str(self.base_dir)]})
+                update={"search_path": self._search_path(options.search_path)})
         path = ("levels", level, "model")
         try:
             if device == "meta":
@@ -156,6 +181,14 @@ class Compiled:
             raise PluginFailure(f"{family.label()}: architecture {family.record.name!r}: "
                                 f"{problem}", file=self.file, path=path)
         return model
+
+    def _search_path(self, given: list[str]) -> list[str]:
+        """``search_path`` with relative entries taken from the hierarchy file's folder, then
+        that folder itself."""
+        assert self.base_dir is not None
+        folders = [str(self.base_dir / p) if not Path(p).expanduser().is_absolute() else p
+                   for p in given]
+        return list(dict.fromkeys([*folders, str(self.base_dir)]))
 
     def model(self, level: str) -> nn.Module:
         """A fresh, initialised module for ``level`` (on the CPU)."""
@@ -336,7 +369,9 @@ class Compiled:
         src = self.registry.get("data sources", h.data.source)
         try:
             raw = src.record.load(self._options[("data",)], DataContext(seed=h.data.seed))
-        except UserError:
+        except UserError as exc:
+            if exc.file is None:
+                raise type(exc)(exc.message, file=self.file, path=("data",)) from None
             raise
         except Exception as exc:
             raise PluginFailure(f"{src.label()}: data source {h.data.source!r} raised "
@@ -346,6 +381,10 @@ class Compiled:
         if problem:
             raise PluginFailure(f"{src.label()}: data source {h.data.source!r}: {problem}",
                                 file=self.file, path=("data", "source"))
+        try:  # what the contract does not cover: label range, dtypes, NaN, empty splits
+            check_raw(raw, self.data_shape, f"data source {h.data.source!r}")
+        except UserError as exc:
+            raise type(exc)(exc.message, file=self.file, path=("data",)) from None
         try:
             validation = h.data.validation
             validation = int(validation) if validation >= 1 else float(validation)
@@ -354,6 +393,10 @@ class Compiled:
                              normalize=h.data.normalize)
         except ValueError as exc:
             raise self._err(str(exc), ("data",)) from None
+        if len(splits.val_x) == 0:  # a fraction too small for this training set
+            raise self._err(f"leaves no validation image (of {len(raw.train_x)} training "
+                            "images); give a count >= 1 or a larger fraction",
+                            ("data", "validation"))
         by_signature: dict[str, Any] = {}
         out = {}
         for name, node in self.nodes.items():
@@ -390,8 +433,10 @@ class Compiled:
     def resolved(self) -> dict[str, Any]:
         """The fully resolved configuration (inheritance and overrides applied).
 
-        Your-own-model levels (``family = "import"``) get the hierarchy file's folder in their
-        ``search_path``, so the saved copy in a run folder loads from anywhere.
+        Paths are written out absolute, so the saved copy in a run folder runs from any
+        current directory on this machine: your-own-model levels (``family = "import"``) get
+        the hierarchy file's folder in their ``search_path``, and relative data paths are
+        taken from that folder.
         """
         data = self.hierarchy.model_dump(mode="json")
         data.pop("extends", None)
@@ -399,13 +444,37 @@ class Compiled:
             for level in data["levels"].values():
                 model = level.get("model", {})
                 if model.get("family") == "import":
-                    paths = list(model.get("search_path", []))
-                    if str(self.base_dir) not in paths:
-                        model["search_path"] = [*paths, str(self.base_dir)]
+                    model["search_path"] = self._search_path(list(model.get("search_path", [])))
+            options = self._options[("data",)]
+            for name in _path_fields(options):
+                if name in data["data"]["options"]:
+                    data["data"]["options"][name] = getattr(options, name)
+        return data
+
+    def hash_basis(self) -> dict[str, Any]:
+        """What the configuration hash covers: the resolved configuration without anything
+        that names a place (import folders, data paths), plus the content of each imported
+        factory's source file. A moved or copied project hashes the same; an edited
+        ``nets.py`` does not."""
+        data = self.hierarchy.model_dump(mode="json")
+        data.pop("extends", None)
+        for name in _path_fields(self._options[("data",)]):
+            data["data"]["options"].pop(name, None)
+        for level, spec in data["levels"].items():
+            model = spec.get("model", {})
+            if model.get("family") == "import":
+                from .models.imported import source_digest
+
+                model.pop("search_path", None)
+                options = self.nodes[level].options
+                if self.base_dir is not None:
+                    options = options.model_copy(
+                        update={"search_path": self._search_path(options.search_path)})
+                model["factory_source"] = source_digest(options)
         return data
 
     def config_hash(self) -> str:
-        text = json.dumps(self.resolved(), sort_keys=True)
+        text = json.dumps(self.hash_basis(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> list[dict[str, Any]]:
@@ -413,6 +482,14 @@ class Compiled:
         return [{"level": n, "h": self.nodes[n].h, "parameters": self.nodes[n].n_parameters,
                  "flops": self.nodes[n].flops, "input": self.nodes[n].input_shape}
                 for n in self.levels]
+
+
+def _path_fields(options: Any) -> list[str]:
+    """Names of the option fields marked :data:`~mlsgd_dsl.api.FILE_PATH`."""
+    fields = getattr(type(options), "model_fields", {})
+    return [name for name, info in fields.items()
+            if isinstance(info.json_schema_extra, dict)
+            and info.json_schema_extra.get("file_path") is True]
 
 
 def _flops(model: nn.Module, shape: tuple[int, int, int]) -> float | None:

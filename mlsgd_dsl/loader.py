@@ -414,6 +414,9 @@ def resolve_file_inheritance(data: dict[str, Any], file: str, base_dir: Path | N
     if base_dir is None:
         raise ConfigError("file inheritance needs a file on disk", file=file,
                           path=("extends",))
+    if not parent.endswith(".toml"):  # never read /etc/passwd, a device, a folder as TOML
+        raise ConfigError(f"must name a .toml hierarchy file, got {parent[:60]!r}", file=file,
+                          path=("extends",))
     try:
         target = (base_dir / parent).resolve()
     except (OSError, ValueError, RuntimeError) as exc:
@@ -426,8 +429,15 @@ def resolve_file_inheritance(data: dict[str, Any], file: str, base_dir: Path | N
         raise ConfigError(f"file inheritance deeper than {MAX_EXTENDS} files", file=file,
                           path=("extends",))
     text = read_file_text(target, file, ("extends",), f"cannot read inherited file {parent!r}: ")
-    base = resolve_file_inheritance(read_toml(text, str(target)), str(target), target.parent,
-                                    (*chain, str(target)))
+    try:
+        base = resolve_file_inheritance(read_toml(text, str(target)), str(target),
+                                        target.parent, (*chain, str(target)))
+    except ConfigError as exc:
+        if exc.path[:1] == ("extends",):  # about the other file's own `extends`: it says so
+            raise
+        # the other file is not a valid hierarchy: name the key that asked for it, and its file
+        raise ConfigError(f"in inherited file {parent!r}: {exc}", file=file,
+                          path=("extends",)) from None
     child = {k: v for k, v in data.items() if k != "extends"}
     merged = deep_merge(base, child)
     merged.pop("extends", None)

@@ -10,9 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mlsgd_dsl import model_factory
+
 TESTS = Path(__file__).resolve().parent
 
 
+@model_factory
 class ResMLP(nn.Module):
     """``x ↦ out(z_n)``, ``z_{i+1} = z_i + h·tanh(W_i z_i + b_i)``, ``z_0 = inp(flatten x)``.
 

@@ -122,11 +122,15 @@ def test_own_model_trains_through_the_cli(tmp_path: Path) -> None:
      "levels.fine.model.factory: 'nets:build': 'nets' has no attribute 'build'"),
     ("model.factory=nets.make",
      "levels.fine.model.factory: must look like \"package.module:callable\", got 'nets.make'"),
+    ("model.factory=nets:ResidualCNN",
+     "levels.fine.model.factory: 'nets:ResidualCNN' is not marked as a model factory; "
+     "decorate it with @mlsgd_dsl.model_factory"),
     ("levels.coarse.model.kwargs.layers=0",
      "levels.coarse.model.factory: 'nets:make' raised ValueError: layers must be at least 1"),
     ("levels.mid.model.kwargs.layers=3",
      "'layers.#.weight' has 3 layers on level 'mid' and 4 on 'fine'; factor 2 needs 6"),
-], ids=["no-module", "no-attribute", "not-a-path", "factory-raises", "depth-mismatch"])
+], ids=["no-module", "no-attribute", "not-a-path", "not-marked", "factory-raises",
+         "depth-mismatch"])
 def test_own_model_mistakes_read_as_documented(override: str, message: str, run_cli,
                                                fresh_nets) -> None:
     """The messages docs/own-model.md shows: one line on stderr, exit code 2."""

@@ -298,7 +298,9 @@ def test_kernel_basis_reset_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
 FACTORY_MODULE = """
 import torch
 from torch import nn
+from mlsgd_dsl import model_factory
 
+@model_factory
 def make(in_channels, num_classes, image_size, width=4):
     return Net(in_channels, num_classes, image_size, width)
 
@@ -313,17 +315,21 @@ class Net(nn.Module):
         return self.fc(x.flatten(1))
 
     @classmethod
+    @model_factory
     def create(cls, **kwargs):
         return cls(3, 2, 4, 1)
 
+@model_factory
 def with_h(h, num_classes=1):
     m = nn.Linear(1, num_classes)
     m.h = h
     return m
 
+@model_factory
 def boom():
     raise RuntimeError("no weights here")
 
+@model_factory
 def not_a_module():
     return 42
 
@@ -358,8 +364,9 @@ def test_import_fills_context(factory_dir) -> None:
 def test_import_search_path(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     sub = tmp_path / "elsewhere"
     sub.mkdir()
-    (sub / "far_nets_for_tests.py").write_text("from torch import nn\ndef make():\n"
-                                               "    return nn.Identity()\n")
+    (sub / "far_nets_for_tests.py").write_text(
+        "from torch import nn\nimport mlsgd_dsl\n@mlsgd_dsl.model_factory\ndef make():\n"
+        "    return nn.Identity()\n")
     monkeypatch.chdir(tmp_path)
     before = list(sys.path)
     try:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlsgd_dsl import model_factory
+
 
 class ResidualCNN(nn.Module):
     def __init__(self, layers: int, h: float, in_channels: int, num_classes: int,
@@ -53,6 +55,7 @@ class ResidualCNN(nn.Module):
         return torch.stack(terms).sum() if terms else self.head.weight.new_zeros(())
 
 
+@model_factory  # only marked callables may be named as `factory` in a hierarchy file
 def make(layers: int, h: float, in_channels: int, num_classes: int,
          width: int = 8) -> ResidualCNN:
     """The factory named in hierarchy.toml as ``factory = "nets:make"``."""

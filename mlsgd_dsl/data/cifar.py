@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..api import DataContext, DataSource, RawData
+from ..api import FILE_PATH, DataContext, DataSource, RawData
 from ..errors import DataNotFound
 from .locate import USER_CACHE, dedupe, default_roots, find_first, not_found
 
@@ -35,8 +35,9 @@ class CifarOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     root: str | None = Field(
-        None,
-        description="Folder containing cifar-10-batches-py/. Default: search $MLSGD_DATA/cifar10, "
+        None, json_schema_extra=FILE_PATH,
+        description="Folder containing cifar-10-batches-py/ (a relative path is taken from the "
+                    "hierarchy file's folder). Default: search $MLSGD_DATA/cifar10, "
                     "~/.cache/mlsgd-dsl/cifar10, ./data/cifar10, ./data.",
     )
     download: bool = Field(
@@ -96,7 +97,20 @@ def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if len(labels) != len(data):
         raise DataNotFound(f"{path}: {len(data)} images but {len(labels)} labels")
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return x, torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    try:
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataNotFound(f"{path}: labels are not integers ({exc})") from None
+    if y.ndim != 1 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= 10)):
+        raise DataNotFound(f"{path}: labels must be 0..9 of shape (N,), found "
+                           f"{_label_range(y)}")
+    return x, y
+
+
+def _label_range(y: torch.Tensor) -> str:
+    if y.ndim != 1:
+        return f"shape {tuple(y.shape)}"
+    return f"{int(y.min())}..{int(y.max())}"
 
 
 def missing_files(root: Path) -> list[str]:

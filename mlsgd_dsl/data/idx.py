@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..api import DataContext, DataSource, RawData
+from ..api import FILE_PATH, DataContext, DataSource, RawData
 from ..errors import DataNotFound
 from .locate import dedupe, default_roots, find_first, not_found
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
+CLASSES = 10
 
 #: file stem → (magic, expected trailing dims); N is checked across images and labels.
 FILES = {
@@ -39,10 +40,11 @@ class IdxOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     root: str | None = Field(
-        None,
+        None, json_schema_extra=FILE_PATH,
         description="Folder holding train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
                     "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] (a torchvision "
-                    "root with <Name>/raw inside also works). Default: search the usual places.",
+                    "root with <Name>/raw inside also works); a relative path is taken from the "
+                    "hierarchy file's folder. Default: search the usual places.",
     )
 
 
@@ -87,10 +89,16 @@ def read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> torch.Tensor:
 
 def read_folder(folder: Path) -> tuple[torch.Tensor, ...]:
     """The four tensors ``train_x (N,1,28,28), train_y, test_x, test_y`` of one IDX folder."""
-    out = [read_idx(idx_file(folder, stem), *spec) for stem, spec in FILES.items()]
+    files = [idx_file(folder, stem) for stem in FILES]
+    out = [read_idx(path, *spec) for path, spec in zip(files, FILES.values())]
     for x, y, split in ((out[0], out[1], "train"), (out[2], out[3], "t10k")):
         if len(x) != len(y):
             raise DataNotFound(f"{folder}: {split} has {len(x)} images but {len(y)} labels")
+    for labels, path in ((out[1], files[1]), (out[3], files[3])):
+        if len(labels) and int(labels.max()) >= CLASSES:  # uint8: never negative
+            raise DataNotFound(f"{path}: labels range over {int(labels.min())}.."
+                               f"{int(labels.max())}, expected 0..{CLASSES - 1}; is it the "
+                               "right data set?")
     return out[0][:, None], out[1].long(), out[2][:, None], out[3].long()
 
 
@@ -109,10 +117,11 @@ def make_source(name: str, torchvision_dir: str, system_dirs: list[str], classes
         if folder is None:
             raise not_found(name, notes, how)
         train_x, train_y, test_x, test_y = read_folder(folder)
-        return RawData(train_x, train_y, test_x, test_y, num_classes=10, classes=list(classes))
+        return RawData(train_x, train_y, test_x, test_y, num_classes=CLASSES,
+                       classes=list(classes))
 
     def shape(options: IdxOptions) -> tuple[int, int, int, int]:
-        return (1, 28, 28, 10)
+        return (1, 28, 28, CLASSES)
 
     return DataSource(name=name, options=IdxOptions, load=load, shape=shape,
                       description=description)

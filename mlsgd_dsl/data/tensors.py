@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..api import DataContext, DataSource, RawData
+from ..api import FILE_PATH, DataContext, DataSource, RawData
 from ..errors import DataNotFound
 
 KEYS = ("train_x", "train_y", "test_x", "test_y")
@@ -29,8 +29,10 @@ KEYS = ("train_x", "train_y", "test_x", "test_y")
 class TensorsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="A .pt (dict of tensors) or .npz file with keys train_x, "
-                                  "train_y, test_x, test_y; images NCHW, NHWC or NHW.")
+    path: str = Field(json_schema_extra=FILE_PATH,
+                      description="A .pt (dict of tensors) or .npz file with keys train_x, "
+                                  "train_y, test_x, test_y; images NCHW, NHWC or NHW. A "
+                                  "relative path is taken from the hierarchy file's folder.")
     num_classes: int | None = Field(None, ge=2, description="Number of classes; default: the "
                                                             "largest label + 1.")
 

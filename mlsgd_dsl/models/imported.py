@@ -1,5 +1,11 @@
 """The ``import`` family: a user's own model, built by ``factory = "package.module:callable"``.
 
+Naming a module imports it, which runs its code, as running a script would: a hierarchy file
+that uses this family is trusted input. What a file cannot do is call just any installed
+function: the callable must be marked as a model factory (``@mlsgd_dsl.model_factory``, or an
+entry point in ``mlsgd_dsl.model_factories``; see :mod:`mlsgd_dsl.factories`), and the mark is
+checked before anything is called. The standard library is refused outright.
+
 The callable receives ``kwargs`` from the file; parameters it *names* among ``in_channels``,
 ``num_classes``, ``image_size`` and ``h`` are filled from the level's data when the file does
 not set them (``image_size`` is an int for square images, else ``(H, W)``). A bare
@@ -8,6 +14,7 @@ not set them (``image_size`` is an int for square images, else ``(H, W)``). A ba
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
@@ -23,6 +30,7 @@ from torch import nn
 
 from ..api import Architecture, ModelContext
 from ..errors import ConfigError
+from ..factories import ENTRY_POINT_GROUP, is_marked, listed_in_entry_points
 
 _IDENT = r"[A-Za-z_]\w*"
 _FACTORY = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
@@ -42,9 +50,9 @@ class ImportOptions(BaseModel):
         default_factory=dict, description="Keyword arguments passed to the factory.")
     search_path: list[str] = Field(
         default_factory=list,
-        description="Extra directories to import from (besides the current directory); the "
-                    "compiler adds the hierarchy file's directory. Relative paths are taken "
-                    "from the current directory.")
+        description="Extra directories to import from (besides the hierarchy file's folder "
+                    "and the current directory). Relative paths are taken from the hierarchy "
+                    "file's folder.")
 
     @field_validator("factory")
     @classmethod
@@ -109,6 +117,12 @@ def _resolve(factory: str, search_path: list[str] | None = None) -> Callable[...
             ) from exc
     if not callable(obj):
         raise ConfigError(f"{factory!r} is a {type(obj).__name__}, not a callable", path=_PATH)
+    if not (is_marked(obj) or listed_in_entry_points(factory)):
+        # checked before the call: a file must not use an arbitrary installed function
+        # (numpy:savetxt, torch:save) as a "factory" that writes files
+        raise ConfigError(f"{factory!r} is not marked as a model factory; decorate it with "
+                          "@mlsgd_dsl.model_factory (or list it in the entry-point group "
+                          f"{ENTRY_POINT_GROUP})", path=_PATH)
     return obj
 
 
@@ -137,6 +151,35 @@ def _context_kwargs(fn: Callable[..., Any], given: dict[str, Any],
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return {name: values[name] for name in _CONTEXT_NAMES
             if name in named and name not in given}
+
+
+def source_digest(options: ImportOptions | dict[str, Any]) -> str:
+    """Hash of the factory's code: the content of the file that defines the callable and of
+    the module the factory string names (not their paths, so a moved project hashes the
+    same). Other files they import are not included."""
+    if not isinstance(options, ImportOptions):
+        options = ImportOptions.model_validate(options)
+    with _import_path(options.search_path):
+        fn = _resolve(options.factory, options.search_path)
+        module = sys.modules.get(options.factory.partition(":")[0])
+    files: list[str] = []
+    for candidate in (getattr(module, "__file__", None), _source_file(fn)):
+        if candidate and candidate not in files:
+            files.append(candidate)
+    digest = hashlib.sha256(options.factory.encode())
+    for name in files:
+        try:
+            digest.update(Path(name).read_bytes())
+        except OSError:  # a compiled or zipped module: its name stands in for its content
+            digest.update(os.path.basename(name).encode())
+    return digest.hexdigest()[:16]
+
+
+def _source_file(fn: Any) -> str | None:
+    try:
+        return inspect.getsourcefile(inspect.unwrap(getattr(fn, "__func__", fn)))
+    except (TypeError, ValueError):
+        return None
 
 
 def build(options: ImportOptions | dict[str, Any], context: ModelContext) -> nn.Module:

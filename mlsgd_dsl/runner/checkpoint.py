@@ -168,3 +168,26 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         count = min(len(cuda), torch.cuda.device_count())
         for index in range(count):
             torch.cuda.set_rng_state(cuda[index].to(device="cpu", dtype=torch.uint8), index)
+
+
+def network_mismatch(saved: Any, current: Mapping[str, torch.Tensor]) -> str | None:
+    """Why the state dict ``saved`` cannot be loaded into a network whose state is ``current``
+    (names and shapes), or None when it can."""
+    if not isinstance(saved, Mapping):
+        return "the checkpoint has no network state"
+    missing = [k for k in current if k not in saved]
+    extra = [k for k in saved if k not in current]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. "
+                         f"{missing[0]!r}")
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) this network lacks, e.g. {extra[0]!r}")
+        return "; ".join(parts)
+    for name, tensor in current.items():
+        other = saved[name]
+        if not isinstance(other, torch.Tensor) or tuple(other.shape) != tuple(tensor.shape):
+            got = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            return f"{name!r} is {tuple(tensor.shape)} here and {got} in the checkpoint"
+    return None

@@ -25,6 +25,7 @@ from .corrections import Correction, Sample, TransferView
 from .level import AngleCheck, EpochStats, Level, Visit, train_visit
 from .objective import norm
 from .optim import get_first_moment, set_first_moment
+from .rundir import checkpoint_note
 from .schedule import Schedule
 from .state import CycleState, Progress
 
@@ -195,8 +196,7 @@ class Driver:
                 raise RunError(
                     f"the loss became {stats.loss if stats else 'NaN'} on the finest level "
                     f"{level!r} in cycle {st.cycle}, epoch {result.epoch_index} of the "
-                    f"visit; the last good checkpoint (after cycle "
-                    f"{self.progress.cycles_done}) is in {self.io.out_dir}",
+                    f"visit; {checkpoint_note(self.io.out_dir, self.progress.cycles_done)}",
                     file=getattr(self.c, "file", None))
             if self.spec.divergence.action == "stop":
                 self.progress.stop_reason = f"diverged on level {level} in cycle {st.cycle}"

@@ -20,6 +20,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_bytes,
     load_checkpoint,
+    network_mismatch,
     previous_path,
     save_checkpoint,
 )
@@ -35,14 +36,11 @@ class RunFolder:
         self.out_dir = Path(out_dir)
         self.is_main = is_main
         self.checkpoints = checkpoints
+        self.set_aside: Path | None = None  # an unreadable checkpoint found on resume
 
     @property
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / CHECKPOINT_NAME if self.checkpoints else None
-
-    def create(self) -> None:
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, cfg: dict[str, Any]) -> None:
         if not self.is_main:
@@ -57,9 +55,14 @@ class RunFolder:
             save_checkpoint(self.out_dir / CHECKPOINT_NAME,
                             {"format": CHECKPOINT_FORMAT, **payload})
 
-    def read_checkpoint(self, *, config_hash: str, force: bool) -> dict[str, Any]:
+    def read_checkpoint(self, *, config_hash: str, force: bool,
+                        network: dict[str, Any] | None = None,
+                        network_name: str = "the finest level") -> dict[str, Any]:
         """``checkpoint.pt``, or ``checkpoint.prev.pt`` when the newer one cannot be loaded (a
-        message says so, and the bad file is set aside as ``checkpoint.pt.corrupt``)."""
+        message says so; the bad file is noted in :attr:`set_aside`, and the run folder that
+        continues sets it aside as ``checkpoint.pt.corrupt`` — never the folder resumed from
+        when the run is forked). ``network``: the state dict the checkpoint must fit, with or
+        without ``force``."""
         run_dir = self.out_dir
         if not run_dir.is_dir():
             raise RunError(f"cannot resume: {run_dir} is not a run folder")
@@ -85,7 +88,7 @@ class RunFolder:
                   f"({current}); resuming from {path.name} (after cycle "
                   f"{ck.get('cycles_done')}), the copy before it", file=sys.stderr)
             if current.is_file():
-                current.replace(current.with_name(current.name + ".corrupt"))
+                self.set_aside = current
         found = ck.get("format")
         if found != CHECKPOINT_FORMAT:
             older = isinstance(found, int) and found < CHECKPOINT_FORMAT
@@ -94,6 +97,13 @@ class RunFolder:
                 f"format {CHECKPOINT_FORMAT}"
                 + ("; older checkpoints lack the correction strategy's state — start the run "
                    "again" if older else "") + ")", file=str(path))
+        # first: a different network is refused even with --force (it cannot be loaded)
+        problem = network_mismatch(ck.get("finest"), network) if network is not None else None
+        if problem:
+            raise RunError(
+                f"this checkpoint holds a different network than {network_name} ({problem}); "
+                "--force accepts changed settings, never a different network: start a new run "
+                "instead", file=str(path))
         if ck.get("config_hash") != config_hash and not force:
             raise RunError(
                 f"the hierarchy changed since this checkpoint (config hash "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from .events import EventHooks, RunView, frozen, read_only
 from .folder import RunFolder
 from .level import EpochStats, Level
 from .records import MetricsLog
+from .rundir import checkpoint_note
 from .state import Progress
 
 
@@ -44,7 +46,6 @@ class RunIO:
         self.method = h.mlsgd.method
         self.eval_spec = h.mlsgd.eval
         self.folder = folder
-        self.out_dir = folder.out_dir
         self.is_main = folder.is_main
         self.progress = progress
         self.levels = levels
@@ -67,6 +68,10 @@ class RunIO:
         self._last_row: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def out_dir(self) -> Path:
+        return self.folder.out_dir
 
     def open(self, *, resume_rows: int | None = None, train_time0: float = 0.0,
              wall_time0: float = 0.0) -> None:
@@ -213,6 +218,5 @@ class RunIO:
             return
         hint = ""
         if hook_name in ("mlsgd_epoch_end", "mlsgd_cycle_end") and self.folder.checkpoints:
-            hint = (f"; the checkpoint after cycle {self.progress.cycles_done} is in "
-                    f"{self.out_dir} — continue with --resume {self.out_dir}")
+            hint = f"; {checkpoint_note(self.out_dir, self.progress.cycles_done)}"
         self.hooks.emit(hook_name, resume_hint=hint, run=self.view(), **kwargs)

@@ -84,14 +84,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import RunError, UserError
-from . import bn, distributed
+from . import bn, distributed, rundir
 from .checkpoint import rng_state, set_rng_state
 from .corrections import Correction
 from .cycle import cycle as run_cycle_recursion
@@ -123,7 +122,8 @@ class Trainer:
 
     def __init__(self, compiled: Any, *, out_dir: Path | str | None = None,
                  resume: Path | str | None = None, device: str | None = None,
-                 quiet: bool = False, validate: bool = True, force: bool = False) -> None:
+                 quiet: bool = False, validate: bool = True, force: bool = False,
+                 overwrite: bool = False) -> None:
         self.c = compiled
         self.hierarchy = compiled.hierarchy
         self.spec = self.hierarchy.mlsgd
@@ -132,26 +132,24 @@ class Trainer:
                                   device=self.device)
         try:
             with self.process:
-                self._build(out_dir, resume, quiet=quiet, validate=validate, force=force)
+                self._build(out_dir, resume, quiet=quiet, validate=validate, force=force,
+                            overwrite=overwrite)
         except BaseException:
             self.process.close()
             raise
 
     def _build(self, out_dir: Path | str | None, resume: Path | str | None, *, quiet: bool,
-               validate: bool, force: bool) -> None:
+               validate: bool, force: bool, overwrite: bool) -> None:
         c, spec = self.c, self.spec
         # under torchrun (WORLD_SIZE > 1) the process has joined the group: rank 0 writes
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        if resume is not None:
-            resume = Path(resume)
-            out_dir = Path(out_dir) if out_dir is not None else resume
-        if out_dir is None:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            out_dir = distributed.broadcast_object(f"runs/{self.hierarchy.name}-{stamp}")
-        self.out_dir = Path(out_dir)
-        self.resume_dir = resume
+        # only looks: the folder is created in start(), once every check has passed
+        self.plan = rundir.plan(out_dir, resume, name=self.hierarchy.name, overwrite=overwrite)
+        self.out_dir = self.plan.path or rundir.RUNS_ROOT  # a default folder: named in start()
+        self.resume_dir = self.plan.resume_from
         self.force = force
+        self._set_aside: Path | None = None
         if validate:
             validate_or_raise(c)
 
@@ -220,6 +218,9 @@ class Trainer:
                 "finest": self.levels[self.finest].model.state_dict(),
                 "optimizers": {n: lv.optimizer.state_dict() for n, lv in self.levels.items()
                                if keep and lv.optimizer is not None},
+                "optimizer_kinds": {n: type(lv.optimizer).__name__
+                                    for n, lv in self.levels.items()
+                                    if keep and lv.optimizer is not None},
                 "rng": rng_state(),
                 "generator": self.generator.get_state(),
                 "strategy": self.strategy.state_dict(),
@@ -233,8 +234,13 @@ class Trainer:
         ck, error = None, None
         if self.is_main:
             try:
-                ck = RunFolder(self.resume_dir, is_main=True, checkpoints=True) \
-                    .read_checkpoint(config_hash=self.config_hash, force=self.force)
+                source = RunFolder(self.resume_dir, is_main=True, checkpoints=True)
+                ck = source.read_checkpoint(
+                    config_hash=self.config_hash, force=self.force,
+                    network=self.levels[self.finest].model.state_dict(),
+                    network_name=f"level {self.finest!r} of "
+                                 f"{getattr(self.c, 'file', None) or 'this hierarchy'}")
+                self._set_aside = source.set_aside
             except UserError as exc:
                 error = exc
         ck, message = distributed.broadcast_object((ck, str(error) if error else None))
@@ -251,9 +257,19 @@ class Trainer:
                   f"process(es), this run has {self.world}; the global batch is the same",
                   file=sys.stderr)
         self.levels[self.finest].load_state(ck["finest"])
+        kinds = ck.get("optimizer_kinds", {})
         for name, state in ck.get("optimizers", {}).items():
             if name in self.levels:
-                self.levels[name].new_optimizer().load_state_dict(state)
+                opt = self.levels[name].new_optimizer()
+                if kinds.get(name, type(opt).__name__) != type(opt).__name__:
+                    continue  # a forced resume changed the optimiser: it starts afresh
+                try:
+                    opt.load_state_dict(state)
+                except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                    raise RunError(f"the optimiser state of level {name!r} does not fit this "
+                                   f"hierarchy's level ({exc}); --force accepts changed "
+                                   "settings, never a different network",
+                                   file=str(self.resume_dir / "checkpoint.pt")) from None
         for name, epochs in ck.get("level_epochs", {}).items():
             if name in self.levels:
                 self.levels[name].epochs_done = float(epochs)
@@ -272,7 +288,22 @@ class Trainer:
     def start(self) -> int:
         """Open the run folder (or restore the checkpoint); return the first cycle to run.
         Call inside ``with trainer.process:`` (``fit()`` does)."""
-        self.io.folder.create()
+        opened, error = None, None
+        if self.is_main:  # rank 0 creates the folder; every rank learns its name (or the error)
+            try:
+                opened = str(rundir.open_folder(self.plan))
+            except UserError as exc:
+                error = exc
+            if error is None and self._set_aside is not None:
+                aside = Path(opened) / self._set_aside.name
+                if aside.is_file():
+                    aside.replace(aside.with_name(aside.name + ".corrupt"))
+        opened, message = distributed.broadcast_object((opened, str(error) if error else None))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunError(message)
+        self.out_dir = self.io.folder.out_dir = Path(opened)
         if self.is_main and self.spec.eval.recalibrate == 0 and \
                 bn.has_batchnorm(self.levels[self.finest].model):
             from ..validation import BATCHNORM_OFF
@@ -320,10 +351,10 @@ class Trainer:
                 self._checkpoint(k)
                 self.io.emit("mlsgd_cycle_end", cycle=k - 1)
         except KeyboardInterrupt:
+            # cycles counted as in metrics.csv (from 0); the checkpoint by completed cycles
             raise RunError(
-                f"interrupted during cycle {progress.cycle}; the checkpoint after cycle "
-                f"{progress.cycles_done} is in {self.out_dir} — continue with --resume "
-                f"{self.out_dir}") from None
+                f"interrupted during cycle {progress.cycle} (counted from 0, as in metrics.csv); "
+                f"{rundir.checkpoint_note(self.out_dir, progress.cycles_done)}") from None
         finally:
             self.io.close_bar()
 
@@ -380,14 +411,16 @@ class Trainer:
 
 def run(compiled: Any, *, out_dir: Path | str | None = None, resume: Path | str | None = None,
         device: str | None = None, quiet: bool = False, validate: bool = True,
-        force: bool = False) -> dict[str, Any]:
+        force: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train ``compiled`` and return the run summary (also written to the run folder).
 
     ``resume``: a run folder; training continues after its last checkpoint (no cycle repeated
     or lost). A changed configuration is refused (:class:`~mlsgd_dsl.errors.RunError`) unless
     ``force``. ``device``: "auto" | "cpu" | "cuda" (default: ``mlsgd.device``). Process-wide
-    settings are restored when it returns or raises.
+    settings are restored when it returns or raises. ``out_dir`` must be new or empty; a folder
+    holding a run is replaced only with ``overwrite``. ``resume`` with a different ``out_dir``
+    forks the run into ``out_dir`` (see :mod:`mlsgd_dsl.runner.rundir`).
     """
     trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device, quiet=quiet,
-                      validate=validate, force=force)
+                      validate=validate, force=force, overwrite=overwrite)
     return trainer.fit()
