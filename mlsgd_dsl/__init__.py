@@ -9,6 +9,7 @@
 from .api import API_VERSION
 from .compiler import Compiled, compile
 from .errors import ConfigError, UserError
+from .handover import load_model
 from .loader import load, loads
 from .validation import Report, validate
 
@@ -23,4 +24,4 @@ def run(compiled: Compiled, **kwargs):  # noqa: ANN201 - documented in runner.ru
 
 
 __all__ = ["API_VERSION", "Compiled", "ConfigError", "Report", "UserError", "__version__",
-           "compile", "load", "loads", "run", "validate"]
+           "compile", "load", "load_model", "loads", "run", "validate"]

@@ -973,6 +973,9 @@ class Trainer:
                                 thresholds=list(self.h.report.thresholds), final=final)
         summary["run_dir"] = str(self.out_dir)
         write_summary(self.out_dir, summary)
+        from ..handover import save_network_or_warn  # the weights, with the statistics used above
+
+        save_network_or_warn(self.out_dir, fin.model, self.c, self.finest, fin.data)
         if self.h.report.plot and rows:
             try:
                 from .plots import plot_accuracy
