@@ -170,7 +170,8 @@ def decode_image(path: Path, hw: tuple[int, int], fit: str, channels: int) -> np
         left, top = (img.width - width) // 2, (img.height - height) // 2
         img = img.crop((left, top, left + width, top + height))
     array = np.asarray(img, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    chw = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return np.array(chw, copy=True)  # Pillow's buffer is read-only; callers may write
 
 
 def _channel_count(files: Sequence[Path]) -> int:
