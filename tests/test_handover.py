@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from _runner_nets import hierarchy_text
 from safetensors.torch import load_file
 
 import mlsgd_dsl
-from _runner_nets import hierarchy_text
 from mlsgd_dsl.errors import RunError
 from mlsgd_dsl.handover import NETWORK_FILE, Classifier, load_model, read_network
 
@@ -93,3 +93,13 @@ def test_resumed_run_writes_the_network_when_it_completes(finished, run_cli):
         str(finished / "run" / NETWORK_FILE))
     for name, tensor in original.items():  # a resumed run repeats the uninterrupted one
         torch.testing.assert_close(weights[name], tensor)
+
+
+def test_handover_page_names_the_export_files():
+    from pathlib import Path
+
+    from mlsgd_dsl.handover import EXPORT_FORMATS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "handover.md").read_text()
+    for fmt, name in EXPORT_FORMATS.items():
+        assert f"| `{fmt}`" in page and f"`RUN_DIR/{name}`" in page

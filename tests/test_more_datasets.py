@@ -126,3 +126,16 @@ def test_emnist_label_outside_the_split_is_one_line(tmp_path):
     _write_emnist(tmp_path, "digits", np.array([0, 3, 10]), np.zeros((3, 28, 28)))
     with pytest.raises(DataNotFound, match=r"labels 0\.\.10 do not fit the 10 classes"):
         EMNIST.load(EmnistOptions(root=str(tmp_path), split="digits"), DataContext(seed=0))
+
+
+def test_own_data_page_documents_every_option():
+    from mlsgd_dsl.data.imagefolder import ImageFolderOptions
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "own-data.md").read_text()
+    for field in ImageFolderOptions.model_fields:
+        assert f"| `{field}` |" in page, field
+    for model in (Cifar100Options, EmnistOptions):
+        for field in model.model_fields:
+            assert f"`{field}`" in page, field
+    for source in ("imagefolder", "cifar100", "kmnist", "emnist"):
+        assert f"`{source}`" in page

@@ -4,10 +4,11 @@ table of medians, and a rerun that resumes what an interrupted sweep left unfini
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-
 from _runner_nets import hierarchy_text
+
 from mlsgd_dsl.errors import UserError
 from mlsgd_dsl.sweep import combinations, median_summary, parse_sweeps, split_values
 
@@ -63,6 +64,8 @@ def test_sweep_runs_each_combination_and_a_rerun_resumes(tmp_path, tmp_hierarchy
                        "mlsgd.lr=0.05,seed=0", "mlsgd.lr=0.05,seed=1"]
     assert "| mlsgd.lr=0.01 (median of 2) | mlsgd.lr=0.05 (median of 2) |" in table
     assert (out / "compare.png").is_file() and json.loads((out / "sweep.json").read_text())
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text()
+    assert all(f"{f}/" in page for f in folders[:2])  # the page shows the real folder names
     lr = json.loads((out / "mlsgd.lr=0.05,seed=1" / "resolved.json").read_text())["mlsgd"]
     assert (lr["lr"], lr["seed"]) == (0.05, 1)
     vals = {f: json.loads((out / f / "summary.json").read_text())["val_acc"] for f in folders}

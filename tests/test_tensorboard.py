@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _runner_nets import hierarchy_text
 
 pytest.importorskip("tensorboard")
@@ -18,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
 from mlsgd_dsl.builtins import tensorboard as tb  # noqa: E402
 
 LEVELS = (("fine", 1.0, 2), ("coarse", 2.0, 1))
+DOC = Path(__file__).resolve().parents[1] / "docs" / "tensorboard.md"
 
 
 def _accumulator(folder: Path) -> EventAccumulator:
@@ -46,6 +46,12 @@ def test_event_files_hold_the_curves_markers_and_hierarchy(tmp_path, tmp_hierarc
                 "events/prolongation", "events/corrected_cycle"):
         assert tag in tags["scalars"], (tag, tags["scalars"])
     assert {"hierarchy/text_summary", "summary/text_summary"} <= set(tags["tensors"])
+    page = DOC.read_text()
+    for tag in ("train_loss/LEVEL", "train_acc/LEVEL", "lr/LEVEL", "val_acc/finest",
+                "val_loss/finest", "events/prolongation", "events/corrected_cycle",
+                "val_acc/by_finest_epoch", "val_acc/by_train_time", "RUN/tensorboard/"
+                + tb.BY_FINEST_EPOCH, "RUN/tensorboard/" + tb.BY_TRAIN_TIME):
+        assert f"`{tag}`" in page, tag  # the page names what the files hold
     hierarchy = main.Tensors("hierarchy/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| fine |" in hierarchy and "| coarse |" in hierarchy and "parameters" in hierarchy
 
