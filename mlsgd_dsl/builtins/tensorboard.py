@@ -39,7 +39,7 @@ class RunFacts:
     """What this plugin needs to know about a run besides the hook arguments."""
 
     out_dir: Path
-    enabled: bool
+    enabled: bool  # [report] tensorboard
     name: str
     finest: str | None
     levels: list[dict[str, Any]] = field(default_factory=list)  # coarsest first
@@ -47,14 +47,17 @@ class RunFacts:
     uncorrected_cycles: int = 0
 
 
-def run_facts(run: Any) -> RunFacts:
-    """The one place that reads the object the runner passes to event hooks."""
-    h = run.h
+def run_facts(run: Any) -> RunFacts | None:
+    """The one place that reads the object the runner passes to event hooks; None when
+    TensorBoard is off (or the object is not a run, as when a test calls the hooks bare)."""
+    h = getattr(run, "h", None)
+    if not getattr(getattr(h, "report", None), "tensorboard", False):
+        return None
     compiled = getattr(run, "c", None)
     correction = h.mlsgd.correction
     return RunFacts(
-        out_dir=Path(run.out_dir), enabled=bool(getattr(h.report, "tensorboard", False)),
-        name=h.name, finest=getattr(compiled, "finest", None),
+        out_dir=Path(run.out_dir), enabled=True, name=h.name,
+        finest=getattr(compiled, "finest", None),
         levels=compiled.describe() if hasattr(compiled, "describe") else [],
         correction=correction if isinstance(correction, str) else correction.strategy,
         uncorrected_cycles=h.mlsgd.uncorrected_cycles if h.mlsgd.method != "sgd" else 1 << 30)
@@ -157,7 +160,7 @@ _boards: dict[Path, Board] = {}
 
 def _board(run: Any) -> Board | None:
     facts = run_facts(run)
-    if not facts.enabled:
+    if facts is None:
         return None
     key = facts.out_dir.resolve()
     if key not in _boards:
@@ -168,7 +171,7 @@ def _board(run: Any) -> Board | None:
 @hookimpl
 def mlsgd_run_start(run: Any) -> None:
     facts = run_facts(run)
-    if facts.enabled:
+    if facts is not None:
         stale = _boards.pop(facts.out_dir.resolve(), None)  # a session that died in-process
         if stale is not None:
             for writer in (stale.main, stale.by_epoch, stale.by_time):
@@ -193,6 +196,6 @@ def mlsgd_cycle_end(run: Any, cycle: int) -> None:
 @hookimpl
 def mlsgd_run_end(run: Any, summary: dict) -> None:
     facts = run_facts(run)
-    board = _boards.pop(facts.out_dir.resolve(), None)
+    board = _boards.pop(facts.out_dir.resolve(), None) if facts is not None else None
     if board is not None:
         board.close(summary)
