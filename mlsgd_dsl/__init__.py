@@ -28,11 +28,13 @@ _LAZY = {
     "loads": ".loader",
     "Report": ".validation",
     "validate": ".validation",
+    "load_model": ".handover",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import API_VERSION
     from .compiler import Compiled, compile
+    from .handover import load_model
     from .loader import load, loads
     from .validation import Report, validate
 
@@ -59,4 +61,4 @@ def run(compiled: Compiled, **kwargs: Any) -> dict[str, Any]:
 
 
 __all__ = ["API_VERSION", "Compiled", "ConfigError", "Report", "UserError", "__version__",
-           "compile", "load", "loads", "model_factory", "run", "validate"]
+           "compile", "load", "load_model", "loads", "model_factory", "run", "validate"]

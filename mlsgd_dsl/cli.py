@@ -22,7 +22,7 @@ EXIT_USER_ERROR = 2
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlsgd-dsl", description="Declarative multilevel SGD "
-                                "(MLSGD) hierarchies: validate, run, compare.")
+                                "(MLSGD) hierarchies: validate, run, compare, evaluate, export.")
     p.add_argument("--version", action="version", version=f"mlsgd-dsl {__version__}")
     p.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
                    help="block plugin NAME (repeatable), like pytest's -p no:NAME")
@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--no-validate", action="store_true",
                    help="skip the coherence checks before training")
+    r.add_argument("--sweep", action="append", default=[], metavar="KEY.PATH=V1,V2",
+                   help="train every combination of these values (repeatable), one run "
+                        "folder each under --out; rerun to resume (docs/sweeps.md)")
+    r.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="with or without --sweep: N seeds per combination, then the medians")
 
     g = with_file("graph", "print the level graph (Mermaid or Graphviz DOT)")
     g.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
@@ -71,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed plugins and what they provide")
     pl.add_argument("--verbose", "-v", action="store_true",
                     help="also print each provided name's description and options table")
+
+    e = sub.add_parser("evaluate", help="accuracy and loss of a run's network on the test "
+                       "split", description="accuracy and loss of a run's trained network on "
+                       "the test split (or, with --set data...., another data set of the same "
+                       "shape)")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="data.KEY=VALUE", help="another data set (data.* keys only)")
+    x = sub.add_parser("export", help="write a run's network for plain PyTorch",
+                       description="write a run's network (with its input normalisation) as "
+                       "a file plain PyTorch loads without mlsgd-dsl")
+    x.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    x.add_argument("--format", choices=["torchscript", "exported"], default="exported")
+    x.add_argument("--out", type=Path, default=None,
+                   help="file (default RUN_DIR/network.pt2 or network.torchscript.pt)")
 
     c = sub.add_parser("compare", help="side-by-side table of several runs + overlay plot")
     c.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -119,6 +139,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner.run import run
 
+    if args.sweep or args.seeds is not None:
+        return cmd_sweep(args)
     overrides = list(args.overrides)
     if args.resume is not None and not args.file.exists():
         raise UserError(f"{args.file}: no such file")
@@ -136,6 +158,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"final validation accuracy {acc:.4f}, test accuracy "
               f"{final.get('test_acc', float('nan')):.4f}, training time "
               f"{final.get('training_time', 0):.1f} s")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    if args.resume is not None:
+        raise UserError("--resume does not combine with --sweep/--seeds: run the same sweep "
+                        "again and it resumes its unfinished runs")
+    _registry(args)
+    print(run_sweep(args.file, args.overrides, args.sweep, args.seeds, out=args.out,
+                    device=args.device, quiet=args.quiet, validate=not args.no_validate),
+          end="")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .handover import evaluate_run
+
+    _registry(args)
+    result = evaluate_run(args.run_dir, args.overrides)
+    print(f"{args.run_dir}: test accuracy {result['test_acc']:.4f}, loss "
+          f"{result['test_loss']:.4f} ({result['images']} images of {result['source']})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .handover import export
+
+    _registry(args)
+    path = export(args.run_dir, args.format, args.out)
+    how = "torch.jit.load(PATH)" if args.format == "torchscript" else \
+        "torch.export.load(PATH).module()"
+    print(f"{path}  (load with {how}; input: images on the [0, 1] scale, N x C x H x W)")
     return 0
 
 
@@ -195,7 +251,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "run": cmd_run, "graph": cmd_graph,
-            "schema": cmd_schema, "plugins": cmd_plugins, "compare": cmd_compare}
+            "schema": cmd_schema, "plugins": cmd_plugins, "compare": cmd_compare,
+            "evaluate": cmd_evaluate, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

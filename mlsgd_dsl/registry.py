@@ -38,6 +38,7 @@ BUILTIN_MODULES = (
     "mlsgd_dsl.builtins.transfers",
     "mlsgd_dsl.builtins.data",
     "mlsgd_dsl.builtins.corrections",
+    "mlsgd_dsl.builtins.tensorboard",
 )
 
 BUILTIN_NAMES = frozenset(m.rsplit(".", 1)[-1] for m in BUILTIN_MODULES)

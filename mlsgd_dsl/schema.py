@@ -310,6 +310,8 @@ class ReportSpec(Strict):
                                                  "cycle (atomic) or never.")
     plot: bool = Field(True, description="Write accuracy.png (accuracy against training "
                                          "time).")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files into the "
+                              "run folder's tensorboard/ (needs the tensorboard extra).")
 
 
 class Hierarchy(Strict):

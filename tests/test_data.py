@@ -407,7 +407,8 @@ def test_augment_flips_about_half_and_is_deterministic() -> None:
 
 def test_builtin_plugin_registers_everything() -> None:
     names = [s.name for s in builtin_data.mlsgd_data_sources()]
-    assert names == ["synthetic", "fashion-mnist", "mnist", "cifar10", "tensors"]
+    assert names == ["synthetic", "fashion-mnist", "mnist", "cifar10", "tensors", "imagefolder",
+                     "cifar100", "kmnist", "emnist"]
     assert [c.name for c in builtin_data.mlsgd_coarsenings()] == ["avgpool"]
     for source in builtin_data.mlsgd_data_sources():
         assert source.options.model_config.get("extra") == "forbid"

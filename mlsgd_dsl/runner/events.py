@@ -63,6 +63,9 @@ class RunView:
     #: the resolved configuration (read-only mapping) and its hash
     config: Mapping[str, Any]
     config_hash: str
+    #: the levels, coarsest first: read-only mappings with ``level``, ``h``, ``parameters``,
+    #: ``flops`` (forward FLOPs per image, or None) and ``input`` (C, H, W)
+    levels: tuple[Mapping[str, Any], ...] = ()
 
 
 def read_only(mapping: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

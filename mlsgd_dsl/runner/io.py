@@ -53,6 +53,9 @@ class RunIO:
         self.n_cycles = n_cycles
         self.config = frozen(config)
         self.config_hash = config_hash
+        describe = getattr(compiled, "describe", None)
+        self.level_table = tuple(frozen(dict(row)) for row in describe()) \
+            if callable(describe) else ()
         self.quiet = quiet
         self.clock = RunClock()
         self.hooks = EventHooks(getattr(compiled, "registry", None), enabled=self.is_main)
@@ -209,7 +212,7 @@ class RunIO:
             global_epoch=p.global_epoch, record=read_only(row), finest=self.finest,
             model=self.levels[self.finest].model, train_time=self.clock.train_time(),
             wall_time=self.clock.wall_time(), stop_reason=p.stop_reason,
-            config=self.config, config_hash=self.config_hash)
+            config=self.config, config_hash=self.config_hash, levels=self.level_table)
 
     def emit(self, hook_name: str, **kwargs: Any) -> None:
         """Call an event hook with the view as ``run`` (rank 0); one that raises ends the run

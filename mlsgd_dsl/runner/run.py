@@ -397,6 +397,9 @@ class Trainer:
                                 final=final)
         summary["run_dir"] = str(self.out_dir)
         write_summary(self.out_dir, summary)
+        from ..handover import save_network_or_warn  # the weights, with the statistics used above
+
+        save_network_or_warn(self.out_dir, fin.model, self.c, self.finest, fin.data)
         if self.hierarchy.report.plot and rows:
             try:
                 from .plots import plot_accuracy
