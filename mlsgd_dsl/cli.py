@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,16 @@ from .errors import UserError
 
 EXIT_FAILED_CHECK = 1
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+#: Set by our SIGINT handler: a library that swallows the KeyboardInterrupt during start-up
+#: (a bare ``except:`` in an import) must not let the run start anyway.
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,6 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None and not args.file.exists():
         raise UserError(f"{args.file}: no such file")
     compiled = _compiled(argparse.Namespace(**{**vars(args), "overrides": overrides}))
+    if _interrupted.is_set():  # Ctrl-C during start-up that some import swallowed
+        raise KeyboardInterrupt
     summary = run(compiled, out_dir=args.out, resume=args.resume, device=args.device,
                   quiet=args.quiet, validate=not args.no_validate, force=args.force,
                   overwrite=args.overwrite)
@@ -183,6 +197,11 @@ COMMANDS = {"validate": cmd_validate, "run": cmd_run, "graph": cmd_graph,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _interrupted.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)
@@ -192,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("mlsgd-dsl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
