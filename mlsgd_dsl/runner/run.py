@@ -967,9 +967,11 @@ def run(compiled: Any, *, out_dir: Path | str | None = None, resume: Path | str 
     (see :mod:`mlsgd_dsl.runner.rundir`).
     """
     owned = not distributed.initialized()
+    flush_before = flush_denormal_enabled()
     try:
         trainer = Trainer(compiled, out_dir=out_dir, resume=resume, device=device,
                           quiet=quiet, validate=validate, force=force, overwrite=overwrite)
         return trainer.fit()
     finally:  # also when the trainer could not be built (a refused resume, a bad file)
+        torch.set_flush_denormal(flush_before)  # the Trainer turned it on before refusing
         distributed.teardown(owned)
