@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,24 @@ from .errors import UserError
 
 EXIT_FAILED_CHECK = 1
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+#: Ctrl-C while torch and the plugins import is only noted, and acted on once they are loaded:
+#: a KeyboardInterrupt raised inside an import can be swallowed by a bare ``except:``, or
+#: abort the process from a C++ callback (pybind11: "terminate called after throwing ...").
+_interrupted = threading.Event()
+
+
+def _defer_sigint(signum: int, frame: object) -> None:
+    _interrupted.set()
+
+
+def _arm_interrupts() -> None:
+    """End of start-up: honour a Ctrl-C noted so far; from now on Ctrl-C interrupts at once."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+    if signal.getsignal(signal.SIGINT) is _defer_sigint:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +137,7 @@ def _compiled(args: argparse.Namespace):
     from .loader import load
 
     reg = _registry(args)
+    _arm_interrupts()
     return compile_hierarchy(load(args.file, args.overrides, registry=reg))
 
 
@@ -145,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None and not args.file.exists():
         raise UserError(f"{args.file}: no such file")
     compiled = _compiled(argparse.Namespace(**{**vars(args), "overrides": overrides}))
+    _arm_interrupts()
     summary = run(compiled, out_dir=args.out, resume=args.resume, device=args.device,
                   quiet=args.quiet, validate=not args.no_validate, force=args.force,
                   overwrite=args.overwrite)
@@ -257,19 +279,29 @@ COMMANDS = {"validate": cmd_validate, "run": cmd_run, "graph": cmd_graph,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _interrupted.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, _defer_sigint)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+        _arm_interrupts()  # a command that never armed (plugins, schema): a noted Ctrl-C
+        return code
     except UserError as exc:
         print(f"mlsgd-dsl: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("mlsgd-dsl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

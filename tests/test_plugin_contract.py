@@ -272,7 +272,7 @@ def test_unknown_key_lists_the_valid_keys() -> None:
         mlsgd_dsl.loads(hierarchy(), overrides=["data.options.foo=1"])
     with pytest.raises(mlsgd_dsl.errors.ConfigError,
                        match=r"^<string>: report.foo: unknown key; valid keys: thresholds, "
-                             r"checkpoint, plot$"):
+                             r"checkpoint, plot, tensorboard$"):
         mlsgd_dsl.loads(hierarchy(), overrides=["report.foo=1"])
 
 
