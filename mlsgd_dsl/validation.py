@@ -230,7 +230,28 @@ def _inputs(c: Compiled, gen: torch.Generator, batch: int = 4) -> dict[str, Tens
     return out
 
 
-def _function_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
+def _edge_signatures(c: Compiled) -> dict[tuple[str, str], tuple]:
+    """What the numerical rows of an edge depend on: both levels (architecture, options, input,
+    h, coarsenings) and the transfer table that binds it. Edges with equal signatures (a dense
+    graph of identical levels) get equal rows, so each signature is checked once."""
+    def level(name: str) -> tuple:
+        node = c.nodes[name]
+        return (node.family.record.name, repr(node.options), node.input_shape,
+                node.num_classes, node.h, tuple((e.record.name, repr(o)) for e, o in node.coarsen))
+    specs = {(co, fi): spec.model_dump_json() for co, fi, spec in c.hierarchy.edge_list()}
+    return {(co, fi): (level(co), level(fi), specs.get((co, fi))) for co, fi in c.graph.edges}
+
+
+def _repeat_rows(report: Report, first: str, edge: str, suffixes: tuple[str, ...]) -> None:
+    """The rows of edge ``first`` again under ``edge`` (identical levels and rules)."""
+    for row in list(report.rows):
+        if row.name.startswith(first) and row.name[len(first):].startswith(suffixes):
+            report.add(edge + row.name[len(first):], row.status,
+                       f"{row.detail} (as {first}: identical levels and rules)")
+
+
+def _function_rows(c: Compiled, gen: torch.Generator, report: Report,
+                   signatures: dict[tuple[str, str], tuple] | None = None) -> None:
     too_big = [n for n, node in c.nodes.items() if node.n_parameters > MAX_CHECKED_PARAMETERS]
     if too_big:
         report.add("function preservation", "warn", f"skipped: levels {too_big} have more than "
@@ -242,9 +263,16 @@ def _function_rows(c: Compiled, gen: torch.Generator, report: Report) -> None:
         report.add("function preservation", "warn", f"skipped: no room for a float64 batch "
                    f"({type(exc).__name__})")
         return
+    first: dict[tuple, str] = {}
     for coarse, fine in c.graph.edges:
         edge = c.edge(coarse, fine)
         name = f"{coarse}->{fine}: function preservation"
+        sig = (signatures or {}).get((coarse, fine))
+        if sig is not None and sig in first:
+            _repeat_rows(report, first[sig], f"{coarse}->{fine}", (": function preservation",))
+            continue
+        if sig is not None:
+            first[sig] = f"{coarse}->{fine}"
         try:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             cm = c.model(coarse).double().eval()
@@ -333,8 +361,15 @@ def validate(c: Compiled, *, seed: int = 0) -> Report:
         report.add(f"{coarse}->{fine}: cost", "pass" if cheaper else
                    ("warn" if same else "fail"), cost)
     gen = torch.Generator().manual_seed(seed)
+    signatures = _edge_signatures(c)
+    first: dict[tuple, str] = {}
     for coarse, fine in c.graph.edges:
         edge = c.edge(coarse, fine)
+        sig = signatures[coarse, fine]
+        if sig in first:
+            _repeat_rows(report, first[sig], f"{coarse}->{fine}", (" ",))
+            continue
+        first[sig] = f"{coarse}->{fine}"
         for group in edge.params:
             try:
                 _group_rows(c, edge, group, gen, report)
@@ -342,7 +377,7 @@ def validate(c: Compiled, *, seed: int = 0) -> Report:
                 report.add(f"{coarse}->{fine} {group.pattern} [{group.rule}]", "warn",
                            f"skipped: {type(exc).__name__} (out of memory for float64 checks?)")
     _path_rows(c, gen, report)
-    _function_rows(c, gen, report)
+    _function_rows(c, gen, report, signatures)
     _batchnorm_row(c, report)
     for name, entry in sorted(c.registry.items["checks"].items()):
         try:
