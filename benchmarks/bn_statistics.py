@@ -3,7 +3,8 @@
     python benchmarks/bn_statistics.py RUN_DIR [--images 250,500,1000,2000,5000] [--seeds 3]
 
 Loads the run's ``resolved.toml`` and the finest network of ``checkpoint.pt`` (and
-``checkpoint.prev.pt``, the cycle before, when present), and scores each on the run's
+``checkpoint.prev.pt``, the cycle before, and ``network.safetensors``, the network the run
+handed over at its end, when present), and scores each on the run's
 validation split: once with the statistics stored in the checkpoint, then with statistics
 re-estimated on N training images (``mlsgd_dsl.runner.bn.recalibrate``; several seeds per N,
 so the spread shows how many images are enough). Run it on a folder written with
@@ -54,18 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     data = compiled.data("cpu")[compiled.finest]
     batch = compiled.for_level(compiled.hierarchy.mlsgd.batch_size, compiled.finest)
     current = args.run_dir / CHECKPOINT_NAME
+    states = []
     for path in (previous_path(current), current):
-        if not path.is_file():
-            continue
-        ck = load_checkpoint(path, map_location="cpu")
-        model = compiled.model(compiled.finest)
-        model.load_state_dict(ck["finest"])
-        print(f"{path.name} (after cycle {ck['cycles_done']}): stored statistics "
-              f"{score(model, data.val_x, data.val_y):.4f}")
+        if path.is_file():
+            ck = load_checkpoint(path, map_location="cpu")
+            states.append((f"{path.name} (after cycle {ck['cycles_done']})", ck["finest"]))
+    if (args.run_dir / "network.safetensors").is_file():
+        from mlsgd_dsl.handover import read_network
+
+        states.append(("network.safetensors (end of the run)", read_network(args.run_dir)[0]))
+    model = compiled.model(compiled.finest)
+    for label, state in states:
+        model.load_state_dict(state)
+        print(f"{label}: stored statistics {score(model, data.val_x, data.val_y):.4f}")
         for images in args.images:
             accs, seconds = [], []
             for seed in range(args.seeds):
-                model.load_state_dict(ck["finest"])
+                model.load_state_dict(state)
                 start = time.perf_counter()
                 bn.recalibrate(model, data.train_x, images=images, batch_size=batch,
                                generator=torch.Generator().manual_seed(seed))
