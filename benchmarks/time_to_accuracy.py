@@ -330,6 +330,7 @@ def run_one(setup: Setup, name: str, seed: int, horizon: int, out: Path) -> dict
         train_time=summary.get("training_time"), wall=time.time() - t0,
         cycles=summary.get("cycles"), finest_epochs=(summary.get("epochs") or {}).get(
             setup.finest), global_epochs=summary.get("global_epochs"),
+        bn_time=summary.get("bn_time"), bn_images=summary.get("bn_images"),
         stopped=summary.get("stopped"), evals=sum(r.get("val_acc") is not None for r in rows),
         best_val=max((r["val_acc"] for r in rows if r.get("val_acc") is not None),
                      default=None),
@@ -440,6 +441,17 @@ def calibrate(setup: Setup, contenders: list[str], work: Path) -> dict[str, Any]
 # --------------------------------------------------------------------------- report
 
 
+def evaluation_protocol(records: list[dict[str, Any]]) -> str:
+    """How the scored networks' BatchNorm statistics came about, and what that cost."""
+    images = {r.get("bn_images") for r in records if r.get("bn_images")}
+    if not images:
+        return "running BatchNorm statistics (no re-estimation before evaluation)"
+    return (f"BatchNorm statistics re-estimated on {'/'.join(map(str, sorted(images)))} "
+            "training images before every evaluation (`mlsgd.eval.recalibrate`, every contender "
+            "alike), excluded from train_time like the evaluation itself; its cost per run "
+            + C.spread([r.get("bn_time") for r in records], "{:.1f}") + " s")
+
+
 def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str],
               cal: dict[str, Any], info: dict[str, Any], started: float,
               seeds: list[int], reference: str | None = None) -> str:
@@ -459,6 +471,7 @@ def summarise(setup: Setup, records: list[dict[str, Any]], contenders: list[str]
         "calibration": ", ".join(f"{k} {C.fmt(v, '{:.2f}')} s" for k, v in cal.items()
                                  if k in ("finest_epoch", "sgd_visit", "mlsgd_cycle",
                                           "mlsgd_cycle_first")),
+        "evaluation": evaluation_protocol(records),
         "SGD runner": (f"one-level path, validated every {args.sgd_eval:g} epoch"
                        if args.sgd_runner == "path" else "method = 'sgd' (validated per epoch)"),
     })
@@ -641,10 +654,15 @@ def main(argv: list[str] | None = None) -> int:
                           + (f" ERROR {rec['error']}" if rec.get("error") else ""), flush=True)
             body = summarise(setup, records, contenders, cal, info, started, seeds,
                              reference)
-            key = f"time_to_accuracy/{label}/{args.preset}/{args.device}"
+            # a budget other than the preset's gets its own section, so that two budgets'
+            # tables stand side by side instead of replacing each other
+            own = args.budget is not None and args.budget != PRESETS[args.preset]["budget"]
+            suffix = f"/{args.budget:g}s" if own else ""
+            key = f"time_to_accuracy/{label}/{args.preset}/{args.device}{suffix}"
             title = (("Beyond the thesis: " if args.beyond else "")
                      + f"Time to accuracy — {hierarchy} hierarchy, preset {args.preset}, "
-                     f"{args.device}" + (" (smoke)" if args.smoke else ""))
+                     f"{args.device}" + (f", budget {args.budget:g} s" if own else "")
+                     + (" (smoke)" if args.smoke else ""))
             C.report(results, key, title, body)
     return 0
 
