@@ -627,6 +627,8 @@ PER_FILE = {
     "fmnist-depth-cascade": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
     "fmnist-resolution-cascade": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
     "fmnist-depth-fmg": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
+    "fmnist-vit-depth": {"model.dim": 8, "model.heads": 2},
+    "fmnist-vit-resolution": {"model.dim": 8, "model.heads": 2},
 }
 
 
@@ -658,10 +660,11 @@ def test_shipped_file_validates(path: Path) -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_file_runs_a_short_cycle(path: Path, tmp_path: Path,
                                         tiny_fashion_mnist: Path) -> None:
-    channels = mlsgd_dsl.load(path).model["channels"]
-    overrides = {**TINY, "model.channels": [max(2, c // 4) for c in channels],
-                 "data.options.root": str(tiny_fashion_mnist),
+    channels = mlsgd_dsl.load(path).model.get("channels")
+    overrides = {**TINY, "data.options.root": str(tiny_fashion_mnist),
                  **PER_FILE.get(path.stem, {})}
+    if channels is not None:
+        overrides["model.channels"] = [max(2, c // 4) for c in channels]
     compiled = mlsgd_dsl.compile(mlsgd_dsl.load(path, overrides=overrides))
     summary = mlsgd_dsl.run(compiled, out_dir=tmp_path, quiet=True, validate=False)
     assert 0.0 <= summary["val_acc"] <= 1.0 and summary["cycles"] == overrides["mlsgd.cycles"]

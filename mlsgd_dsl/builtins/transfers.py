@@ -7,6 +7,7 @@ from ..hookspecs import hookimpl
 from ..transfers.depth import DepthOptions, LinearDepthOptions, bind_constant, bind_linear
 from ..transfers.identity import bind_identity
 from ..transfers.kernel_basis import bind_kernel_basis
+from ..transfers.position import PositionOptions, bind_position
 from ..transfers.resolution import ResolutionOptions, bind_resolution
 
 MLSGD_DSL_API = ">=1.0"
@@ -61,5 +62,16 @@ def mlsgd_transfer_rules() -> list[TransferRule]:
                         "operator; with nearest P, average and sum pooling differ by factor² in "
                         "what the network computes, and scale='auto' (= 1/factor²) preserves "
                         "the function of a network whose feature maps are upsampled.",
+        ),
+        TransferRule(
+            name="position_embedding",
+            options=PositionOptions,
+            bind=bind_position,
+            description="A transformer's position embedding (1, prefix + H·W, D) between "
+                        "patch grids factor× apart: P = scale·(nearest | bilinear) on the grid, "
+                        "R = average pooling/scale, prefix (class) tokens copied; nearest: "
+                        "R∘P = I and Pᵀ = sum pooling·scale. Grid and prefix from the model's "
+                        "transfer_hints (the vit family) or the options coarse_grid, "
+                        "fine_grid, prefix.",
         ),
     ]
