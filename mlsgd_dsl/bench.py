@@ -94,9 +94,12 @@ def contender_overrides(name: str, base: Any, *, budget: float, schedule: str,
         opt["momentum"] = BASELINE_MOMENTUM
     lr = baseline_lr if baseline_lr is not None else for_level(base.mlsgd.lr, finest)
     table = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in opt.items()) + "}"
-    return common + ['mlsgd.method="sgd"', f"mlsgd.lr={float(lr)!r}",
-                     f"mlsgd.optimizer={table}", 'mlsgd.init="independent"',
-                     f'mlsgd.schedule={{kind = "{schedule}"}}']
+    # a per-level optimizer table is replaced level by level (a plain table would be merged
+    # into it key by key, mixing level names and options)
+    optimizer = ([f"mlsgd.optimizer.{level}={table}" for level in base.mlsgd.optimizer]
+                 if isinstance(base.mlsgd.optimizer, dict) else [f"mlsgd.optimizer={table}"])
+    return [*common, 'mlsgd.method="sgd"', f"mlsgd.lr={float(lr)!r}", *optimizer,
+            'mlsgd.init="independent"', f'mlsgd.schedule={{kind = "{schedule}"}}']
 
 
 def _folder_name(name: str, seed: int) -> str:
