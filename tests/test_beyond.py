@@ -629,6 +629,7 @@ PER_FILE = {
     "fmnist-depth-fmg": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
     "fmnist-vit-depth": {"model.dim": 8, "model.heads": 2},
     "fmnist-vit-resolution": {"model.dim": 8, "model.heads": 2},
+    "fmnist-resnet-depth": {"model.width": 4},
 }
 
 
