@@ -107,39 +107,41 @@ def matmul_peak(n: int, device: Any, reps: int = 5) -> float:
 
 def conv_peak(model: Any, batch: Any, device: Any, reps: int = 5) -> tuple[str, float]:
     """The most expensive convolution of ``model`` on ``batch``, alone, forward + backward:
-    (its shape, GFLOP/s)."""
+    (its shape, GFLOP/s). Convolutions are found by recording ``F.conv2d`` calls, so those a
+    model makes without an ``nn.Conv2d`` module (the thesis network's ``K x``) count too."""
     import torch
     import torch.nn.functional as F
 
-    shapes: list[tuple[float, Any, tuple[int, ...]]] = []
+    calls: list[tuple[float, tuple[int, ...], Any, dict[str, Any]]] = []
+    original = F.conv2d
 
-    def hook(module: Any, inputs: Any, output: Any) -> None:
-        w = module.weight
-        macs = output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
-        shapes.append((2.0 * macs, module, tuple(inputs[0].shape)))
+    def recording(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                  dilation: Any = 1, groups: int = 1) -> Any:
+        out = original(x, weight, bias, stride, padding, dilation, groups)
+        macs = out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+        calls.append((2.0 * macs, tuple(x.shape), weight.detach().clone(),
+                      {"stride": stride, "padding": padding, "dilation": dilation,
+                       "groups": groups}))
+        return out
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, torch.nn.Conv2d)]
+    F.conv2d = recording
     try:
         with torch.no_grad():
             copy.deepcopy(model)(batch)
     finally:
-        for h in handles:
-            h.remove()
-    if not shapes:
+        F.conv2d = original
+    if not calls:
         return "–", float("nan")
-    flops, conv, shape = max(shapes, key=lambda s: s[0])
+    flops, shape, weight, kw = max(calls, key=lambda c: c[0])
     x = torch.randn(shape, device=device, requires_grad=True)
-    w = conv.weight.detach().clone().requires_grad_(True)
+    w = weight.requires_grad_(True)
 
     def step() -> None:
-        out = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        out.sum().backward()
+        F.conv2d(x, w, None, **kw).sum().backward()
 
     step()
     best = min(C.timed(step, device)[0] for _ in range(reps))
-    text = f"{tuple(shape)} * {tuple(w.shape)}"
-    return text, 3.0 * flops / best / 1e9
+    return f"{shape} * {tuple(w.shape)}", 3.0 * flops / best / 1e9
 
 
 def bench_hierarchy(args: Any, name: str, variants: list[str], work: Any) -> dict[str, Any]:
