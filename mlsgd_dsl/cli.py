@@ -82,6 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="with or without --sweep: N seeds per combination, then the medians")
 
+    b = with_file("bench", "MLSGD against a practitioner's SGD on the same network, at equal "
+                  "training-time budgets, side by side (docs/bench.md)")
+    b.add_argument("--budget", type=float, required=True, metavar="SECONDS",
+                   help="training time of every run (evaluation and checkpoints excluded)")
+    b.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per contender")
+    b.add_argument("--contenders", default="file,cascade,sgd",
+                   help="comma-separated: file (the file as written), V, W, F, cascade, fmg "
+                        "(the file with that cycle kind), sgd (the baseline)")
+    b.add_argument("--thresholds", default=None, metavar="A,B,...",
+                   help="validation accuracies to time (default: the file's "
+                        "report.thresholds)")
+    b.add_argument("--baseline-schedule", choices=["cosine", "onecycle"], default="cosine",
+                   help="the SGD baseline's learning-rate schedule over the budget")
+    b.add_argument("--baseline-lr", type=float, default=None,
+                   help="the SGD baseline's step (default: the finest level's lr)")
+    b.add_argument("--out", type=Path, default=None,
+                   help="bench folder (default runs/NAME-bench); rerun to continue it")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace a bench folder that holds a bench with other settings")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+
     g = with_file("graph", "print the level graph (Mermaid or Graphviz DOT)")
     g.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     g.add_argument("--png", type=Path, default=None,
@@ -196,6 +217,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import parse_contenders, run_bench
+
+    contenders = parse_contenders(args.contenders)
+    thresholds = None
+    if args.thresholds is not None:
+        try:
+            thresholds = [float(x) for x in args.thresholds.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--thresholds {args.thresholds!r}: expected comma-separated "
+                            "accuracies such as 0.8,0.85") from None
+    _registry(args)
+    _arm_interrupts()
+    print(run_bench(args.file, args.overrides, budget=args.budget, seeds=args.seeds,
+                    contenders=contenders, thresholds=thresholds, out=args.out,
+                    overwrite=args.overwrite, device=args.device,
+                    schedule=args.baseline_schedule, baseline_lr=args.baseline_lr), end="")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .handover import evaluate_run
 
@@ -274,7 +315,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS = {"validate": cmd_validate, "run": cmd_run, "graph": cmd_graph,
             "schema": cmd_schema, "plugins": cmd_plugins, "compare": cmd_compare,
-            "evaluate": cmd_evaluate, "export": cmd_export}
+            "evaluate": cmd_evaluate, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,18 +244,30 @@ class MLSGDSpec(Strict):
     method: Literal["mlsgd", "sgd"] = Field(
         "mlsgd", description="mlsgd: cycles over the hierarchy; sgd: the finest level alone "
         "(the baseline), for `sgd_epochs` epochs.")
-    cycle: Literal["V", "W", "F"] = Field("V", description="Cycle shape (the thesis: V).")
+    cycle: Literal["V", "W", "F", "cascade", "fmg"] = Field(
+        "V", description="Cycle kind: V (the thesis), W, F; cascade: one coarse-to-fine pass, "
+        "then the finest level alone (progressive resizing / growth); fmg: the same pass, then "
+        "V-cycles (full multigrid). docs/schedules.md.")
     cycles: int = Field(1, ge=1, le=MAX_CYCLES, description="Number of cycles (K).")
     path: list[Annotated[list[Name], Field(min_length=1)]] | None = Field(
         None, description="Levels a run visits, coarsest first; a list of paths alternates "
         "between them from cycle to cycle. Default: the only chain.")
     epochs: per_level(Epochs) = Field(1.0, description="T_l: epochs per level per visit "
                                       "(fractions allowed).")
+    cascade_epochs: per_level(Epochs) | None = Field(
+        None, description="Epochs of each level in the coarse-to-fine pass that starts "
+        "cycle = 'cascade' and 'fmg' (default: `epochs`; unused by V/W/F, validate warns); the "
+        "finest level's entry is its first visit.")
     sgd_epochs: Epochs | None = Field(None, description="Epochs of method = 'sgd' (default: "
                                       "cycles x the finest level's epochs).")
     time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds "
                                       "of training (wall clock of training steps; evaluation "
                                       "and checkpoints excluded).")
+    plan: Literal["off", "auto", "measure"] = Field(
+        "off", description="auto (needs time_budget): measure every level's cost per batch "
+        "(cached) and set cycles and one factor on every level's epochs so that the planned "
+        "run, and its schedule, end with the budget; measure: the same, ignoring the cache. "
+        "Printed before training, written to plan.json.")
     lr: per_level(LearningRate) = Field(0.05, description="Learning rate alpha_l (start value "
                                         "of the schedule).")
     batch_size: per_level(BatchSize) = Field(250, description="Mini-batch size (thesis: 250).")
@@ -263,7 +275,8 @@ class MLSGDSpec(Strict):
     optimizer: per_level(OptimizerSpec) = Field(default_factory=OptimizerSpec)
     optimizer_state: Literal["reset", "keep", "transfer"] = Field(
         "reset", description="What happens to a level's optimiser state between visits: reset, "
-        "keep per level, or transfer the first moment with P.")
+        "keep per level, or transfer the first moment with P (default: reset; transfer with "
+        "cycle = 'cascade').")
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     correction: PluginName | CorrectionSpec = Field(default_factory=CorrectionSpec)
     uncorrected_cycles: int = Field(0, ge=0, description="Cycles at the start without "
@@ -292,6 +305,18 @@ class MLSGDSpec(Strict):
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads (default: "
                                 "torch's choice).")
 
+
+    @model_validator(mode="after")
+    def _plan_and_cascade(self) -> MLSGDSpec:
+        if self.plan != "off" and self.time_budget is None:
+            raise ValueError(f"plan = {self.plan!r} needs time_budget (the seconds of training "
+                             "to plan for)")
+        # a cascade trains the finest level on and on: restarting its momentum at every
+        # visit (the thesis' reset) would throw it away; moved with P, it also survives the
+        # way up (the growth literature's convention)
+        if self.cycle == "cascade" and "optimizer_state" not in self.model_fields_set:
+            self.optimizer_state = "transfer"
+        return self
 
     @field_validator("path", mode="before")
     @classmethod

@@ -312,6 +312,16 @@ def _batchnorm_row(c: Compiled, report: Report) -> None:
                    f"re-estimated on {images:,} training images before every evaluation")
 
 
+def _schedule_row(c: Compiled, report: Report) -> None:
+    """``cascade_epochs`` only acts in cascade / fmg runs (kept legal for sweeps over the
+    cycle kind); say so when it is set for V/W/F."""
+    spec = c.hierarchy.mlsgd
+    if spec.cascade_epochs is not None and spec.cycle not in ("cascade", "fmg"):
+        report.add("cycle kind", "warn", f"mlsgd.cascade_epochs is set but cycle = "
+                   f"{spec.cycle!r} has no coarse-to-fine pass: it is unused (it applies to "
+                   "'cascade' and 'fmg')")
+
+
 def _provider_rows(c: Compiled, report: Report) -> None:
     """Which distribution (and version) provides each named component the file uses."""
     rules: dict[str, Entry] = {}
@@ -379,6 +389,7 @@ def validate(c: Compiled, *, seed: int = 0) -> Report:
     _path_rows(c, gen, report)
     _function_rows(c, gen, report, signatures)
     _batchnorm_row(c, report)
+    _schedule_row(c, report)
     for name, entry in sorted(c.registry.items["checks"].items()):
         try:
             rows = list(entry.record.run(c))

@@ -27,6 +27,12 @@ def _restore_default_registry(monkeypatch: pytest.MonkeyPatch) -> Any:
     registry_module.set_default_registry(saved)
 
 
+@pytest.fixture(autouse=True)
+def _private_cost_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: Any) -> None:
+    """The budget planner's cost cache in a folder of this test session, never the user's."""
+    monkeypatch.setenv("MLSGD_DSL_CACHE", str(tmp_path_factory.getbasetemp() / "cost-cache"))
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Any:
     """One intra-op thread: on small tensors it is faster, and far faster on a busy machine."""

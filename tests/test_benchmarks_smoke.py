@@ -25,6 +25,7 @@ SCRIPTS = {
     "transfer_cost": "transfer_cost/",
     "correction_overhead": "correction_overhead/",
     "memory": "memory/",
+    "level_speed --variants channels_last": "level_speed/",
 }
 
 

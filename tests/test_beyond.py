@@ -19,6 +19,7 @@ import mlsgd_dsl
 from mlsgd_dsl.errors import ConfigError, RunError
 from mlsgd_dsl.hookspecs import hookimpl
 from mlsgd_dsl.runner.corrections import LevelCorrection
+from mlsgd_dsl.runner.cycle import visit_order
 from mlsgd_dsl.runner.delayed import SWITCHED, WAITING, DelayedCorrection
 from mlsgd_dsl.runner.level import Visit, train_visit
 from mlsgd_dsl.runner.optim import get_first_moment
@@ -622,6 +623,13 @@ TINY = {
 PER_FILE = {
     "fmnist-depth-delayed": {"mlsgd.cycles": 2, "mlsgd.correction.after_cycle": 1},
     "fmnist-depth-resolution-alternate": {"mlsgd.cycles": 2},
+    # the pass, then a cycle of the finest level alone (cascade) or a V-cycle (fmg)
+    "fmnist-depth-cascade": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
+    "fmnist-resolution-cascade": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
+    "fmnist-depth-fmg": {"mlsgd.cycles": 2, "mlsgd.cascade_epochs": 0.25},
+    "fmnist-vit-depth": {"model.dim": 8, "model.heads": 2},
+    "fmnist-vit-resolution": {"model.dim": 8, "model.heads": 2},
+    "fmnist-resnet-depth": {"model.width": 4},
 }
 
 
@@ -653,18 +661,19 @@ def test_shipped_file_validates(path: Path) -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_file_runs_a_short_cycle(path: Path, tmp_path: Path,
                                         tiny_fashion_mnist: Path) -> None:
-    channels = mlsgd_dsl.load(path).model["channels"]
-    overrides = {**TINY, "model.channels": [max(2, c // 4) for c in channels],
-                 "data.options.root": str(tiny_fashion_mnist),
+    channels = mlsgd_dsl.load(path).model.get("channels")
+    overrides = {**TINY, "data.options.root": str(tiny_fashion_mnist),
                  **PER_FILE.get(path.stem, {})}
+    if channels is not None:
+        overrides["model.channels"] = [max(2, c // 4) for c in channels]
     compiled = mlsgd_dsl.compile(mlsgd_dsl.load(path, overrides=overrides))
     summary = mlsgd_dsl.run(compiled, out_dir=tmp_path, quiet=True, validate=False)
     assert 0.0 <= summary["val_acc"] <= 1.0 and summary["cycles"] == overrides["mlsgd.cycles"]
     rows = read_rows(tmp_path)
     levels = [(r["cycle"], r["level"]) for r in epoch_rows(rows)]
-    paths = compiled.paths
+    paths, kind = compiled.paths, compiled.hierarchy.mlsgd.cycle
     assert levels == [(k, lv) for k in range(overrides["mlsgd.cycles"])
-                      for lv in paths[k % len(paths)]]
+                      for lv in visit_order(paths[k % len(paths)], kind, k)]
     if path.stem == "fmnist-depth-delayed":
         assert [c for c, _, _ in events(rows, SWITCHED)] == [1]
         assert events(rows, SWITCHED)[0][2].startswith(f"{SWITCHED} (after cycle 1")

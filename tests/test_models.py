@@ -417,4 +417,4 @@ def test_builtin_plugin_registers_both() -> None:
     pm.add_hookspecs(hookspecs)
     pm.register(builtin_models)
     names = [a.name for batch in pm.hook.mlsgd_architectures() for a in batch]
-    assert names == ["ruthotto-resnet", "import"]
+    assert names == ["ruthotto-resnet", "vit", "torchvision-resnet", "import"]

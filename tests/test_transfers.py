@@ -425,6 +425,7 @@ def test_builtin_plugin_registers_every_rule():
     manager.register(builtin_transfers)
     rules = [r for batch in manager.hook.mlsgd_transfer_rules() for r in batch]
     assert sorted(r.name for r in rules) == [
-        "depth.constant", "depth.linear", "identity", "kernel_basis", "resolution"]
+        "depth.constant", "depth.linear", "identity", "kernel_basis", "position_embedding",
+        "resnet.depth", "resolution"]
     assert all(r.description and r.options.model_config.get("extra") == "forbid"
                for r in rules)

@@ -7,6 +7,8 @@ from ..hookspecs import hookimpl
 from ..transfers.depth import DepthOptions, LinearDepthOptions, bind_constant, bind_linear
 from ..transfers.identity import bind_identity
 from ..transfers.kernel_basis import bind_kernel_basis
+from ..transfers.position import PositionOptions, bind_position
+from ..transfers.resnet_depth import ResNetDepthOptions, bind_resnet_depth
 from ..transfers.resolution import ResolutionOptions, bind_resolution
 
 MLSGD_DSL_API = ">=1.0"
@@ -61,5 +63,26 @@ def mlsgd_transfer_rules() -> list[TransferRule]:
                         "operator; with nearest P, average and sum pooling differ by factor² in "
                         "what the network computes, and scale='auto' (= 1/factor²) preserves "
                         "the function of a network whose feature maps are upsampled.",
+        ),
+        TransferRule(
+            name="resnet.depth",
+            options=ResNetDepthOptions,
+            bind=bind_resnet_depth,
+            description="torchvision's ResNet layout (layerK.I.conv1/bn1/conv2/bn2, "
+                        "BatchNorm buffers included): along each stage, every block that keeps "
+                        "its shape copied to `factor` fine blocks (R: their mean, R∘P = I); a "
+                        "first block with downsample is copied once. resnet18 [2,2,2,2] -> "
+                        "[4,3,3,3]. Options: factor (2).",
+        ),
+        TransferRule(
+            name="position_embedding",
+            options=PositionOptions,
+            bind=bind_position,
+            description="A transformer's position embedding (1, prefix + H·W, D) between "
+                        "patch grids factor× apart: P = scale·(nearest | bilinear) on the grid, "
+                        "R = average pooling/scale, prefix (class) tokens copied; nearest: "
+                        "R∘P = I and Pᵀ = sum pooling·scale. Grid and prefix from the model's "
+                        "transfer_hints (the vit family) or the options coarse_grid, "
+                        "fine_grid, prefix.",
         ),
     ]

@@ -21,6 +21,18 @@ post-smoothing-only cycle both placements of γ give the same visit order.
 
 If the early-termination test (3.4)/(3.5) refuses the descent from a level, that level trains
 on its own and the recursion at that level ends (no second call).
+
+Two run kinds are built from these shapes (:func:`shape`, docs/schedules.md):
+
+* **cascade** — cycle 0 is one coarse-to-fine pass (the V shape: restrict to the coarsest, then
+  train every level once on the way up, for ``cascade_epochs``); every later cycle is a visit
+  of the finest level alone. With nested initialisation and ``R∘P = I`` the pass is nested
+  iteration: each level starts from ``P`` of the trained coarser one — progressive resizing
+  on a resolution hierarchy, progressive stacking / growth on a depth hierarchy.
+* **fmg** — full multigrid: the same pass, then V-cycles. Classical FMG runs a V-cycle on every
+  intermediate sub-hierarchy; with post-smoothing only such a V-cycle right after a
+  prolongation would restrict ``P w`` back to ``w`` and train the coarse level again, i.e. the
+  same as a longer first visit there, which ``cascade_epochs`` already expresses.
 """
 
 from __future__ import annotations
@@ -46,6 +58,26 @@ class CycleDriver(Protocol):
         """True once the run must end (time budget, stop on divergence)."""
 
 
+SHAPES = ("V", "W", "F")
+KINDS = (*SHAPES, "cascade", "fmg")
+
+
+def shape(kind: str, k: int) -> str | None:
+    """The recursive shape of cycle ``k`` of a ``kind`` run; None: the finest level alone."""
+    if kind in SHAPES:
+        return kind
+    if kind == "cascade":
+        return "V" if k == 0 else None
+    if kind == "fmg":
+        return "V"
+    raise ValueError(f"unknown cycle kind {kind!r}")
+
+
+def is_pass(kind: str, k: int) -> bool:
+    """True for the coarse-to-fine pass that starts a cascade or fmg run (``cascade_epochs``)."""
+    return kind in ("cascade", "fmg") and k == 0
+
+
 def gamma(kind: str, index: int, finest: int) -> int:
     """Number of recursive calls of level ``index`` (0 = coarsest) in a ``kind`` cycle."""
     if index == 0:
@@ -58,8 +90,8 @@ def gamma(kind: str, index: int, finest: int) -> int:
 def cycle(driver: CycleDriver, path: list[str], kind: str = "V", index: int | None = None,
           finest: int | None = None) -> None:
     """Run one cycle of shape ``kind`` ("V", "W", "F") on ``path`` (coarsest first)."""
-    if kind not in ("V", "W", "F"):
-        raise ValueError(f"unknown cycle kind {kind!r}")
+    if kind not in SHAPES:
+        raise ValueError(f"unknown cycle shape {kind!r}")
     finest = len(path) - 1 if finest is None else finest
     i = finest if index is None else index
     level = path[i]
@@ -100,8 +132,18 @@ class _Recorder:
         return False
 
 
-def visit_order(path: list[str], kind: str = "V") -> list[str]:
-    """The levels in the order they train during one cycle (no early termination)."""
+def run_cycle(driver: CycleDriver, path: list[str], kind: str = "V", k: int = 0) -> None:
+    """Cycle ``k`` of a run of kind ``kind`` (V, W, F, cascade, fmg) on ``path``."""
+    form = shape(kind, k)
+    if form is None:
+        if not driver.stopped():
+            driver.smooth(path[-1])
+        return
+    cycle(driver, path, form)
+
+
+def visit_order(path: list[str], kind: str = "V", k: int = 0) -> list[str]:
+    """The levels in the order they train during cycle ``k`` (no early termination)."""
     rec = _Recorder()
-    cycle(rec, list(path), kind)
+    run_cycle(rec, list(path), kind, k)
     return rec.visits

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import RunError
 from . import bn, distributed
 from .corrections import Correction, Sample, TransferView
+from .cycle import is_pass
 from .level import AngleCheck, EpochStats, Level, Visit, train_visit
 from .objective import norm
 from .optim import get_first_moment, set_first_moment
@@ -64,7 +65,8 @@ class Driver:
         self.progress.cycle = k
         strategy = self.strategy if k >= self.spec.uncorrected_cycles else self.no_correction
         path = [self.finest] if self.sgd else list(self.c.path(k))
-        self.state = st = CycleState(cycle=k, path=path, strategy=strategy)
+        self.state = st = CycleState(cycle=k, path=path, strategy=strategy,
+                                     passing=not self.sgd and is_pass(self.spec.cycle, k))
         if self.sgd:
             return
         fin = self.levels[self.finest]
@@ -171,7 +173,7 @@ class Driver:
                 lv.new_optimizer()
         else:
             lv.new_optimizer()
-        epochs = lv.epochs
+        epochs = lv.pass_epochs if st.passing else lv.epochs
         if self.sgd:
             epochs = min(1.0, self.sgd_total - st.cycle)
         angle = None

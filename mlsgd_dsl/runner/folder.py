@@ -50,6 +50,11 @@ class RunFolder:
         atomic_write_bytes(self.out_dir / "resolved.toml",
                            hierarchy_dumps(cfg).encode("utf-8"))
 
+    def write_json(self, name: str, data: Any) -> None:
+        if self.is_main:
+            atomic_write_bytes(self.out_dir / name,
+                               (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
     def save_checkpoint(self, payload: dict[str, Any]) -> None:
         if self.checkpoints and self.is_main:
             save_checkpoint(self.out_dir / CHECKPOINT_NAME,

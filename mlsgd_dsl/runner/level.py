@@ -59,8 +59,8 @@ class Level:
 
     def __init__(self, name: str, model: nn.Module, data: Any, *, h: float, lr: float,
                  batch_size: int, epochs: float, optimizer: OptimizerSpec, l2: float,
-                 smoothness: float, device: torch.device, augment: Augment | None = None
-                 ) -> None:
+                 smoothness: float, device: torch.device, augment: Augment | None = None,
+                 pass_epochs: float | None = None) -> None:
         self.name = name
         self.model = model
         self.train_model = model  # what the training steps call: DDP(model) under torchrun
@@ -69,6 +69,8 @@ class Level:
         self.lr = float(lr)
         self.batch_size = int(batch_size)
         self.epochs = float(epochs)
+        # epochs in the coarse-to-fine pass of a cascade / fmg run (cascade_epochs)
+        self.pass_epochs = self.epochs if pass_epochs is None else float(pass_epochs)
         self.optimizer_spec = optimizer
         self.device = device
         self.augment = augment or Augment()

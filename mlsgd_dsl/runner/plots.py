@@ -79,3 +79,22 @@ def plot_overlay(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *,
     if axes.lines:
         axes.legend(loc="lower right")
     _save(figure, path)
+
+
+def plot_contenders(curves: Mapping[str, Sequence[Sequence[tuple[float, float]]]], path: Path,
+                    *, title: str) -> None:
+    """Validation accuracy against training time: one colour per contender, one line per
+    seed (``curves``: contender → per seed a list of (seconds, accuracy))."""
+    from matplotlib import rcParams
+
+    figure, axes = _new_axes(title, "train_time")
+    palette = rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
+    for k, (name, seeds) in enumerate(curves.items()):
+        color = palette[k % len(palette)]
+        for i, curve in enumerate(seeds):
+            if curve:
+                axes.plot([t / 60.0 for t, _ in curve], [100.0 * a for _, a in curve],
+                          marker=".", color=color, alpha=0.8, label=name if i == 0 else None)
+    if axes.lines:
+        axes.legend(loc="lower right")
+    _save(figure, path)

@@ -26,10 +26,10 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) every level trains with DistributedDataP
 slices of the same global batches; rank 0 writes the run folder and calls the event hooks
 (:mod:`mlsgd_dsl.runner.distributed`, ``docs/scaling.md``).
 
-One cycle (see :mod:`mlsgd_dsl.runner.cycle` for V/W/F): the finest iterate ``w_{L,k,0}`` is
-restricted level by level to the coarsest (no training on the way down, thesis Fig. 3.2); at
-each descent the coarse level's objective ``H_l`` is set up by the correction strategy
-(:mod:`mlsgd_dsl.runner.corrections`); then the levels train bottom-up, each adding the
+One cycle (see :mod:`mlsgd_dsl.runner.cycle` for V/W/F, cascade and fmg): the finest iterate
+``w_{L,k,0}`` is restricted level by level to the coarsest (no training on the way down, thesis
+Fig. 3.2); at each descent the coarse level's objective ``H_l`` is set up by the correction
+strategy (:mod:`mlsgd_dsl.runner.corrections`); then the levels train bottom-up, each adding the
 prolongated step ``P(w_l − R w_{l+1})`` of the level below before its own epochs
 (:mod:`mlsgd_dsl.runner.level`). ``method = "sgd"`` trains the finest level alone through the
 same level solver (the baseline); there a "cycle" (checkpoint unit) is one epoch.
@@ -65,6 +65,8 @@ report of the runner's author):
 * λ (``step_regularization``) applies on every level below the finest, with or without a
   correction; the finest level's objective is ``F_L`` (with variance reduction: SVRG around
   ``w_{L,k,0}``).
+* ``plan = "auto"`` turns ``time_budget`` into cycles and epochs from measured costs before
+  training (:mod:`mlsgd_dsl.runner.plan`); the budget still stops the run.
 * ``time_budget`` stops before the next step once exceeded; coarse steps not yet prolongated
   are dropped (never carried up untrained), the finest network is evaluated as it is.
 * The angle condition is also applied on the finest level (Algorithm 5 runs on every level,
@@ -93,12 +95,12 @@ from ..errors import RunError, UserError
 from . import bn, distributed, rundir
 from .checkpoint import rng_state, set_rng_state
 from .corrections import Correction
-from .cycle import cycle as run_cycle_recursion
-from .cycle import visit_order
+from .cycle import is_pass, run_cycle, visit_order
 from .driver import Driver
 from .events import read_only
 from .folder import RunFolder
 from .io import RunIO
+from .plan import Plan, plan_run
 from .process import RunProcess
 from .records import read_rows
 from .schedule import Schedule
@@ -158,19 +160,28 @@ class Trainer:
         self.sgd = spec.method == "sgd"
         self.finest = c.finest
         self.levels = build_levels(c, trained_levels(c, self.sgd), self.device, sgd=self.sgd)
+        self.config = resolved_config(c)
+        self.config_hash = config_hash(c)
+        self.quiet = quiet
+        # read before planning: a resumed run keeps the plan its checkpoint holds
+        self._resume_ck = self._load_resume_checkpoint() if resume is not None else None
+        self.budget_plan = self._make_plan()
         self.sgd_total: float | None = None
         if self.sgd:
             fin = self.levels[self.finest]
             total = spec.sgd_epochs if spec.sgd_epochs is not None else spec.cycles * fin.epochs
+            if self.budget_plan is not None:
+                total = self.budget_plan.sgd_epochs
             self.sgd_total = float(total)
             self.n_cycles = max(1, math.ceil(self.sgd_total - 1e-9))
         else:
-            self.n_cycles = spec.cycles
+            self.n_cycles = (spec.cycles if self.budget_plan is None
+                             else self.budget_plan.cycles)
         self.total_epochs = self.planned_epochs()
+        if self.budget_plan is not None:
+            self.budget_plan.horizon = self.total_epochs
         self.schedule = Schedule(spec.schedule, self.total_epochs)
         self.strategy: Correction = c.correction() if not self.sgd else Correction()
-        self.config = resolved_config(c)
-        self.config_hash = config_hash(c)
         self.progress = Progress()
         folder = RunFolder(self.out_dir, is_main=self.is_main,
                            checkpoints=self.hierarchy.report.checkpoint != "none")
@@ -181,16 +192,33 @@ class Trainer:
                              schedule=self.schedule, progress=self.progress, io=self.io,
                              generator=self.generator, device=self.device,
                              sgd_total=self.sgd_total)
-        self._resume_ck = self._load_resume_checkpoint() if resume is not None else None
+
+    def _make_plan(self) -> Plan | None:
+        """``mlsgd.plan``: the checkpoint's plan on resume, else a new one (rank 0 measures,
+        every rank gets the same plan); applied to the levels' epochs here."""
+        if self.spec.plan == "off":
+            return None
+        stored = (self._resume_ck or {}).get("plan")
+        if stored is not None:
+            plan = Plan.from_dict(stored)
+        else:
+            plan = plan_run(self.c, self.levels, sgd=self.sgd) if self.is_main else None
+            plan = Plan.from_dict(distributed.broadcast_object(
+                plan.as_dict() if plan is not None else None))
+        for name, lv in self.levels.items():
+            lv.epochs = plan.epochs.get(name, lv.epochs)
+            lv.pass_epochs = plan.pass_epochs.get(name, lv.pass_epochs)
+        return plan
 
     def planned_epochs(self) -> float:
         """Epochs on all levels the run plans (the horizon of cosine / one-cycle)."""
         if self.sgd:
             return self.sgd_total
-        total = 0.0
+        kind, total = self.spec.cycle, 0.0
         for k in range(self.n_cycles):
-            for name in visit_order(self.c.path(k), self.spec.cycle):
-                total += self.levels[name].epochs
+            for name in visit_order(self.c.path(k), kind, k):
+                lv = self.levels[name]
+                total += lv.pass_epochs if is_pass(kind, k) else lv.epochs
         return total
 
     # ------------------------------------------------------------------ checkpoints
@@ -227,6 +255,8 @@ class Trainer:
                 "stop_reason": self.progress.stop_reason,
                 "schedule": {"kind": self.spec.schedule.kind,
                              "total_epochs": self.total_epochs},
+                "plan": (self.budget_plan.as_dict() if self.budget_plan is not None
+                         else None),
             })
 
     def _load_resume_checkpoint(self) -> dict[str, Any]:
@@ -315,6 +345,11 @@ class Trainer:
             self.io.open()
             start = 0
         self.io.folder.write_config(self.config)
+        if self.budget_plan is not None and self.is_main:
+            self.io.folder.write_json("plan.json", self.budget_plan.as_dict())
+            if not self.quiet:
+                print(f"mlsgd-dsl: {self.budget_plan.describe(self.spec.cycle)}",
+                      file=sys.stderr)
         if start == 0 and self.resume_dir is None:
             self._checkpoint(0)
         return start
@@ -340,7 +375,7 @@ class Trainer:
                 if self.sgd:
                     driver.smooth(self.finest)
                 else:
-                    run_cycle_recursion(driver, list(driver.state.path), self.spec.cycle)
+                    run_cycle(driver, list(driver.state.path), self.spec.cycle, k)
                 if progress.stop_reason == "time budget":
                     break  # an interrupted cycle is not a completed one
                 driver.end_cycle(k)

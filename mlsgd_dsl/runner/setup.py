@@ -102,6 +102,8 @@ def build_levels(c: Any, used: Sequence[str], device: torch.device, *, sgd: bool
             lr=c.for_level(spec.lr, name),
             batch_size=c.for_level(spec.batch_size, name),
             epochs=c.for_level(spec.epochs, name),
+            pass_epochs=(None if spec.cascade_epochs is None
+                         else c.for_level(spec.cascade_epochs, name)),
             optimizer=c.for_level(spec.optimizer, name),
             l2=obj.l2, smoothness=obj.smoothness, device=device,
             augment=Augment(flip=aug.flip, crop=aug.crop, fill=fill))

@@ -31,6 +31,8 @@ class CycleState:
     path: list[str]
     #: the strategy of this cycle (``none`` during ``mlsgd.uncorrected_cycles``)
     strategy: Correction
+    #: the coarse-to-fine pass of a cascade / fmg run: levels train ``pass_epochs``
+    passing: bool = False
     #: w_{l,0}: each visited level's weights where the cycle reached it
     anchor: dict[str, list[Tensor]] = field(default_factory=dict)
     #: the correction of each level's visits in this cycle

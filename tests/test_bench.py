@@ -1,0 +1,95 @@
+"""``mlsgd-dsl bench``: contenders at equal budgets, interleaved, resumable, one table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _runner_nets import hierarchy_text
+
+from mlsgd_dsl.bench import Record, contender_overrides, parse_contenders, table
+from mlsgd_dsl.cli import main
+from mlsgd_dsl.errors import UserError
+
+
+def test_table_ratios_are_per_seed() -> None:
+    def rec(name, seed, curve, final):
+        return Record(name, seed, f"{name}-seed{seed}", final_val=final, curve=curve)
+
+    records = {
+        "sgd": {0: rec("sgd", 0, [(10, 0.5), (20, 0.7), (40, 0.8)], 0.8),
+                1: rec("sgd", 1, [(10, 0.6), (30, 0.7), (40, 0.82)], 0.82)},
+        "file": {0: rec("file", 0, [(5, 0.7), (20, 0.85)], 0.85),
+                 1: rec("file", 1, [(15, 0.7), (40, 0.79)], 0.79)},
+    }
+    text = table(records, ["file", "sgd"], [0, 1], [0.7, 0.8])
+    row = next(line for line in text.splitlines() if line.startswith("| file"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # final 85 / 79 %; Δ +5 / −3 points; sgd's final acc: seed 0 at 20 s vs 40 s, seed 1 never
+    assert cells[1] == "82.00 (79.00–85.00)"
+    assert cells[2] == "+1.00 (-3.00–+5.00)"
+    assert cells[3] == "0.50 [1/2]"
+    # to 70 %: 5 and 15 s; ratios 5/20 = 0.25 and 15/30 = 0.5
+    assert cells[4] == "10 (5–15)" and cells[5] == "0.38 (0.25–0.50)"
+    # to 80 %: only seed 0 (20 s, ratio 0.5)
+    assert cells[6] == "20 [1/2]" and cells[7] == "0.50 [1/2]"
+
+
+def test_contenders_are_checked() -> None:
+    assert parse_contenders("file, sgd") == ["file", "sgd"]
+    for bad in ("file,bogus", "", "sgd,sgd"):
+        with pytest.raises(UserError, match="--contenders"):
+            parse_contenders(bad)
+
+
+def test_baseline_is_a_practitioners_sgd() -> None:
+    import mlsgd_dsl
+
+    h = mlsgd_dsl.loads(hierarchy_text(), file="tiny.toml")
+    sets = contender_overrides("sgd", h, budget=5.0, schedule="onecycle", baseline_lr=None)
+    c = mlsgd_dsl.loads(hierarchy_text(), file="tiny.toml", overrides=sets).mlsgd
+    assert c.method == "sgd" and c.plan == "auto" and c.time_budget == 5.0
+    assert c.optimizer.momentum == 0.9 and c.lr == 0.1 and c.schedule.kind == "onecycle"
+    assert c.init == "independent"
+
+
+def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "tiny.toml"
+    f.write_text(hierarchy_text(batchnorm=True))
+    out = tmp_path / "bench"
+    args = ["bench", str(f), "--budget", "0.5", "--seeds", "2", "--contenders",
+            "file,cascade,sgd", "--thresholds", "0.3,0.5", "--out", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"bench folder: {out}"
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["file", "cascade", "sgd"]
+    assert "× sgd to 30 %" in lines[1]
+    # interleaved: seed 0 in the given order, seed 1 rotated
+    order = [line.split(": ")[1].split(" — ")[0] for line in captured.err.splitlines()
+             if line.startswith("bench ")]
+    assert order == ["file, seed 0", "cascade, seed 0", "sgd, seed 0",
+                     "cascade, seed 1", "sgd, seed 1", "file, seed 1"]
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "bench.json").read_text())
+    assert len(manifest["records"]) == 6
+    for rec in manifest["records"]:
+        run = out / rec["folder"]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["training_time"] <= 0.5 + 0.5  # the budget stops a slow machine
+        assert (run / "plan.json").is_file()
+    cascade = json.loads((out / "cascade-seed0" / "summary.json").read_text())
+    assert cascade["cycle_kind"] == "cascade"
+    sgd = json.loads((out / "sgd-seed0" / "summary.json").read_text())
+    assert sgd["method"] == "sgd"
+
+    # the same command again: nothing retrained, the same table
+    assert main(args) == 0
+    again = capsys.readouterr()
+    assert again.out == captured.out and again.err.count("finished, skipped") == 6
+    # other settings into the same folder: refused, the runs kept
+    assert main([*args[:3], "2.5", *args[4:]]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert (out / "file-seed0" / "summary.json").is_file()
