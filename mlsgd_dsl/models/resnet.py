@@ -24,13 +24,13 @@ shapes.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from ..api import Architecture, ModelContext
+from . import residual_step
 
 ARCHS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 MAX_BLOCKS = 128
@@ -135,9 +135,7 @@ def build(options: ResNetOptions | dict[str, Any], context: ModelContext) -> nn.
     """A fresh :class:`ResNet` for one level."""
     if not isinstance(options, ResNetOptions):
         options = ResNetOptions.model_validate(options)
-    h = options.h if options.h is not None else context.h
-    if not (h > 0 and math.isfinite(h)):
-        raise ValueError(f"the residual step h must be positive, got {h}")
+    h = residual_step(options.h, context)
     return ResNet(context.in_channels, context.num_classes, layers=options.stage_blocks(),
                   width=options.width, small_images=options.small_images, h=h)
 

@@ -27,7 +27,6 @@ Parameter names (the contract with the transfer rules):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from ..api import Architecture, ModelContext
+from . import residual_step
 
 MAX_DIM = 4096
 MAX_BLOCKS = 256
@@ -163,9 +163,7 @@ def build(options: ViTOptions | dict[str, Any], context: ModelContext) -> nn.Mod
     """A fresh :class:`VisionTransformer` for one level."""
     if not isinstance(options, ViTOptions):
         options = ViTOptions.model_validate(options)
-    h = options.h if options.h is not None else context.h
-    if not (h > 0 and math.isfinite(h)):
-        raise ValueError(f"the residual step h must be positive, got {h}")
+    h = residual_step(options.h, context)
     return VisionTransformer(
         context.in_channels, tuple(context.image_size), context.num_classes,
         patch_size=options.patch_size, dim=options.dim, blocks=options.blocks,
