@@ -54,6 +54,17 @@ def test_baseline_is_a_practitioners_sgd() -> None:
     assert c.init == "independent"
 
 
+def test_baseline_keeps_the_files_warmup() -> None:
+    # AdamW without its warm-up is not what a practitioner runs (the ViT files)
+    import mlsgd_dsl
+
+    schedule = '[mlsgd]\nschedule = { kind = "cosine", warmup = 2 }'
+    text = hierarchy_text().replace("[mlsgd]", schedule)
+    h = mlsgd_dsl.loads(text, file="tiny.toml")
+    cosine = contender_overrides("sgd", h, budget=5.0, schedule="cosine", baseline_lr=None)
+    assert mlsgd_dsl.loads(text, file="tiny.toml", overrides=cosine).mlsgd.schedule.warmup == 2
+
+
 def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
     f = tmp_path / "tiny.toml"
     f.write_text(hierarchy_text(batchnorm=True))
