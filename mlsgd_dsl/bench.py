@@ -124,33 +124,34 @@ def _spread(values: Sequence[float | None], fmt: str = "{:.1f}") -> str:
 
 
 def _ratios(records: Mapping[str, Mapping[int, Record]], name: str, seeds: Sequence[int],
-            threshold: float) -> list[float | None]:
+            threshold: float, baseline: str = BASELINE) -> list[float | None]:
     out: list[float | None] = []
     for seed in seeds:
         mine = records[name][seed].time_to(threshold)
-        base = records[BASELINE][seed].time_to(threshold)
+        base = records[baseline][seed].time_to(threshold)
         out.append(mine / base if mine is not None and base else None)
     return out
 
 
 def table(records: Mapping[str, Mapping[int, Record]], contenders: Sequence[str],
-          seeds: Sequence[int], thresholds: Sequence[float]) -> str:
-    """The markdown table ``bench`` prints (see the module doc)."""
-    has_base = BASELINE in contenders
+          seeds: Sequence[int], thresholds: Sequence[float], baseline: str = BASELINE) -> str:
+    """The markdown table ``bench`` prints (see the module doc); ratios to ``baseline``."""
+    has_base = baseline in contenders
+    ref = baseline
     head = ["contender", "final val acc [%]"]
     if has_base:
-        head += ["Δ to sgd [points]", "time to sgd's final acc (× sgd's)"]
+        head += [f"Δ to {ref} [points]", f"time to {ref}'s final acc (× {ref}'s)"]
     for t in thresholds:
         head.append(f"time to {100 * t:g} % [s]")
         if has_base:
-            head.append(f"× sgd to {100 * t:g} %")
+            head.append(f"× {ref} to {100 * t:g} %")
     rows = []
     for name in contenders:
         recs = [records[name][s] for s in seeds]
         row = [name, _spread([100 * r.final_val if r.final_val is not None else None
                               for r in recs], "{:.2f}")]
         if has_base:
-            base = [records[BASELINE][s] for s in seeds]
+            base = [records[baseline][s] for s in seeds]
             row.append(_spread([100 * (r.final_val - b.final_val)
                                 if r.final_val is not None and b.final_val is not None
                                 else None for r, b in zip(recs, base)], "{:+.2f}"))
@@ -164,7 +165,7 @@ def table(records: Mapping[str, Mapping[int, Record]], contenders: Sequence[str]
         for t in thresholds:
             row.append(_spread([r.time_to(t) for r in recs], "{:.0f}"))
             if has_base:
-                row.append(_spread(_ratios(records, name, seeds, t), "{:.2f}"))
+                row.append(_spread(_ratios(records, name, seeds, t, baseline), "{:.2f}"))
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -205,12 +206,34 @@ def _check_folder(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
         shutil.rmtree(out)
 
 
-def run_bench(file: Path, overrides: Sequence[str], *, budget: float, seeds: int,
-              contenders: Sequence[str], thresholds: Sequence[float] | None = None,
+def as_override(item: str | tuple[str, Any]) -> str:
+    """A ``--set`` override as its text: ``("mlsgd.lr", 0.05)`` → ``"mlsgd.lr=0.05"``."""
+    if isinstance(item, str):
+        return item
+    from .tomlio import inline
+
+    key, value = item
+    return f"{key}={inline(value)}"
+
+
+def run_bench(file: Path, overrides: Sequence[str | tuple[str, Any]], *, budget: float,
+              seeds: int, contenders: Sequence[str], thresholds: Sequence[float] | None = None,
               out: Path | None = None, overwrite: bool = False, device: str | None = None,
               schedule: str = "cosine", baseline_lr: float | None = None,
-              quiet: bool = True) -> str:
-    """Train every contender × seed not finished yet; write and return the table."""
+              custom: Mapping[str, Sequence[str | tuple[str, Any]]] | None = None,
+              baseline: str = BASELINE, quiet: bool = True) -> str:
+    """Train every contender × seed not finished yet; write and return the table.
+
+    ``custom`` names further contenders by their own overrides (applied after ``overrides``
+    and the bench's own: time budget, planner, evaluation per epoch) — how a script compares
+    configurations that are not a cycle kind; ``baseline`` is the contender the ratios are
+    taken to (``sgd`` unless a custom one is named)."""
+    custom = {n: [as_override(o) for o in sets] for n, sets in (custom or {}).items()}
+    overrides = [as_override(o) for o in overrides]
+    unknown = [n for n in contenders if n not in CONTENDERS and n not in custom]
+    if unknown or baseline not in [*contenders, BASELINE]:
+        raise UserError(f"contenders {unknown or [baseline]}: expected {', '.join(CONTENDERS)} "
+                        "or a name given in custom")
     from .compiler import compile as compile_hierarchy
     from .loader import load
     from .runner.run import run
@@ -232,8 +255,10 @@ def run_bench(file: Path, overrides: Sequence[str], *, budget: float, seeds: int
                         f"`mlsgd-dsl validate {file}` for the report")
     seed_list = [base.mlsgd.seed + i for i in range(seeds)]
     out = Path(out) if out is not None else Path("runs") / f"{base.name}-bench"
-    per = {n: contender_overrides(n, base, budget=budget, schedule=schedule,
-                                  baseline_lr=baseline_lr) for n in contenders}
+    per = {n: ([*contender_overrides("file", base, budget=budget, schedule=schedule,
+                                     baseline_lr=None), *custom[n]] if n in custom
+               else contender_overrides(n, base, budget=budget, schedule=schedule,
+                                        baseline_lr=baseline_lr)) for n in contenders}
     manifest: dict[str, Any] = {"settings": {
         "file": str(file), "overrides": list(overrides), "budget": budget, "seeds": seed_list,
         "contenders": {n: per[n] for n in contenders}, "device": device}}
@@ -264,7 +289,7 @@ def run_bench(file: Path, overrides: Sequence[str], *, budget: float, seeds: int
                                "command again to continue", file=exc.file) from None
     records = {n: {s: _record(n, s, out / _folder_name(n, s)) for s in seed_list}
                for n in contenders}
-    text = table(records, contenders, seed_list, thresholds)
+    text = table(records, contenders, seed_list, thresholds, baseline)
     manifest["records"] = [r.__dict__ for rs in records.values() for r in rs.values()]
     atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     atomic_write_bytes(out / "bench.md", text.encode())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,3 +55,29 @@ def hierarchy_dumps(resolved: Mapping[str, Any]) -> str:
         if isinstance(table, dict) and "default" in table and table["default"] is None:
             table["default"] = False
     return dumps(data)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _string(text: str) -> str:
+    # a JSON string is a TOML basic string but for DEL, which TOML wants escaped
+    return json.dumps(text).replace("\x7f", "\\u007f")
+
+
+def inline(value: Any) -> str:
+    """``value`` as one line of TOML (inline tables), e.g. for a ``--set KEY=VALUE`` override."""
+    value = _clean(value, "")
+    if isinstance(value, Mapping):
+        keys = (k if _BARE_KEY.fullmatch(k) else _string(k) for k in value)
+        return "{" + ", ".join(f"{k} = {inline(v)}" for k, v in zip(keys, value.values())) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _string(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else (
+            "nan" if value != value else ("inf" if value > 0 else "-inf"))
+    return str(value)  # int, date, time

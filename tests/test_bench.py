@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from _runner_nets import hierarchy_text
 
-from mlsgd_dsl.bench import Record, contender_overrides, parse_contenders, table
+from mlsgd_dsl.bench import (
+    Record,
+    as_override,
+    contender_overrides,
+    parse_contenders,
+    run_bench,
+    table,
+)
 from mlsgd_dsl.cli import main
 from mlsgd_dsl.errors import UserError
 
@@ -104,3 +111,25 @@ def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
     assert main([*args[:3], "2.5", *args[4:]]) == 2
     assert "other settings" in capsys.readouterr().err
     assert (out / "file-seed0" / "summary.json").is_file()
+
+
+def test_custom_contenders_are_override_sets(tmp_path: Path, capsys) -> None:
+    # what benchmarks/time_to_accuracy.py does: named configurations, ratios to one of them
+    import mlsgd_dsl
+
+    assert as_override(("mlsgd.optimizer", {"momentum": 0.9})) == \
+        "mlsgd.optimizer={momentum = 0.9}"
+    f = tmp_path / "tiny.toml"
+    f.write_text(hierarchy_text())
+    pair = ("mlsgd.schedule", {"kind": "constant"})
+    with pytest.raises(UserError, match="bogus"):
+        run_bench(f, [], budget=0.3, seeds=1, contenders=["slow", "bogus"],
+                  custom={"slow": [pair]}, out=tmp_path / "x")
+    text = run_bench(f, [("mlsgd.batch_size", 16)], budget=0.3, seeds=1,
+                     contenders=["fast", "slow"], thresholds=[0.3], out=tmp_path / "b",
+                     custom={"fast": ["mlsgd.lr=0.2"], "slow": [pair, "mlsgd.lr=0.01"]},
+                     baseline="slow")
+    assert "Δ to slow [points]" in text and "| fast |" in text
+    resolved = mlsgd_dsl.load(tmp_path / "b" / "slow-seed0" / "resolved.toml")
+    assert resolved.mlsgd.lr == 0.01 and resolved.mlsgd.schedule.kind == "constant"
+    assert resolved.mlsgd.batch_size == 16 and resolved.mlsgd.plan == "auto"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlsgd_dsl.tomlio import dumps, hierarchy_dumps
+from mlsgd_dsl.tomlio import dumps, hierarchy_dumps, inline
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,6 +37,15 @@ def without_none(value):
 @given(documents)
 def test_round_trip_through_tomllib(doc) -> None:
     assert tomllib.loads(dumps(doc)) == without_none(doc)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(values)
+def test_inline_values_round_trip(value) -> None:
+    # one line: what a `--set key=value` override (mlsgd_dsl.bench.as_override) carries
+    text = inline(value)
+    assert "\n" not in text and tomllib.loads(f"v = {text}")["v"] == value
 
 
 def test_non_ascii_keys_are_quoted() -> None:

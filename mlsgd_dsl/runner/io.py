@@ -119,6 +119,8 @@ class RunIO:
             self.evaluate_into(row)
         self.write(row)
         if self.bar is not None:
+            if self.bar.n + stats.fraction > self.bar.total:  # a visit is at least one batch,
+                self.bar.total = round(self.bar.n + stats.fraction, 6)  # more than planned
             self.bar.update(stats.fraction)
             self.bar.set_postfix(cycle=self.progress.cycle, level=level.name,
                                  epoch=f"{stats.visit_epoch:g}", loss=f"{stats.loss:.3f}",
