@@ -62,7 +62,7 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 def _string(text: str) -> str:
     # a JSON string is a TOML basic string but for DEL, which TOML wants escaped
-    return json.dumps(text).replace("\x7f", "\\u007f")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def inline(value: Any) -> str:
