@@ -160,8 +160,11 @@ def bench_hierarchy(args: Any, name: str, variants: list[str], work: Any) -> dic
     device = trainer.device
     levels = {n: trainer.levels[n] for n in compiled.levels[::-1]}  # finest first
     twins = {(n, v): twin(lv, v) for n, lv in levels.items() for v in variants}
-    for t in twins.values():
+    warmup: dict[tuple[str, str], float] = {}
+    for key, t in twins.items():
+        start = time.perf_counter()
         warm(t)  # torch.compile compiles here
+        warmup[key] = time.perf_counter() - start
     times: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.reps):
         for n in levels:
@@ -180,6 +183,7 @@ def bench_hierarchy(args: Any, name: str, variants: list[str], work: Any) -> dic
         rows.append({"level": n, "forward_flops": fwd, "batch": lv.batch_size,
                      "default": default, "achieved": achieved, "conv_shape": shape,
                      "conv_peak": conv,
+                     "warmup": {v: warmup[n, v] for v in variants},
                      "ratios": {v: [a / b for a, b in zip(times[n, v], default)]
                                 for v in variants if v != "default"}})
     return {"name": name, "file": FILES[name], "overrides": overrides, "levels": rows}
@@ -193,6 +197,8 @@ def section(args: Any, results: list[dict[str, Any]], variants: list[str], peak:
                 "batch / seconds; conv peak = the level's most expensive convolution alone "
                 "(forward + backward) at its shape",
         "matmul peak": f"{peak:.1f} GFLOP/s ({args.matmul_size}² fp32)",
+        "warm-up": "seconds of the 3-batch warm-up beyond the default step's: for compile, "
+                   "the compilation a run pays once per level and shape",
         "repetitions": f"{args.reps}, variants interleaved, order rotated; ratio = variant / "
                        "default per repetition (below 1: faster)",
     })
@@ -208,11 +214,15 @@ def section(args: Any, results: list[dict[str, Any]], variants: list[str], peak:
                          f"{e['conv_peak']:.2f}", C.fmt(ach and ach / e["conv_peak"], "{:.2f}"),
                          f"{ach / peak:.2f}" if ach else "–",
                          *(C.spread(e["ratios"][v], "{:.3f}") for v in variants
-                           if v != "default")])
+                           if v != "default"),
+                         *(f"{e['warmup'][v] - e['warmup']['default']:+.1f}"
+                           for v in variants if v != "default")])
         body += C.table(["level", "forward MFLOP / image", "batch", "ms / batch",
                          "achieved GFLOP/s", "conv peak GFLOP/s", "achieved / conv peak",
                          "achieved / matmul peak",
-                         *(f"{v} / default" for v in variants if v != "default")], rows)
+                         *(f"{v} / default" for v in variants if v != "default"),
+                         *(f"{v} warm-up s (− default's)" for v in variants
+                           if v != "default")], rows)
         body += "\nLargest convolution per level (input * weight): " + "; ".join(
             f"{e['level']} {e['conv_shape']}" for e in r["levels"]) + "\n"
     return body
