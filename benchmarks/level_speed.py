@@ -11,16 +11,21 @@ benchmark, in one process:
   forward + backward of its most expensive convolution alone at its own shape (batch,
   channels, image size) — what this machine does on that shape at best;
 * **variants** of the step, interleaved with the default (order rotated per repetition):
-  ``channels_last`` (network in NHWC memory format), ``compile`` (``torch.compile`` of the
-  network, inductor; compilation in the warm-up, not timed) and, on a GPU, ``bf16``
-  (``torch.autocast`` to bfloat16).
+  ``channels_last`` (network in NHWC memory format: ``mlsgd.channels_last``), ``compile``
+  (``torch.compile`` of the training step, inductor: ``mlsgd.compile``; compilation in the
+  warm-up, timed apart, with an empty inductor cache unless ``TORCHINDUCTOR_CACHE_DIR`` is
+  set), their combination, and on a GPU ``bf16`` (``torch.autocast`` to bfloat16).
 
 Ratio = variant / default seconds per batch, paired per repetition (below 1: faster).
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
+import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -48,12 +53,12 @@ def twin(level: Any, variant: str) -> Any:
 
     from mlsgd_dsl.runner.plan import _twin
 
+    parts = variant.split("+")
     t = _twin(level)
-    if variant == "channels_last":
-        t.model.to(memory_format=torch.channels_last)
-    elif variant == "compile":
-        t.train_model = torch.compile(t.model)
-    elif variant == "bf16":
+    # the runner's own switches (mlsgd.channels_last, mlsgd.compile)
+    t.accelerate(compile="compile" in parts and "bf16" not in parts,
+                 channels_last="channels_last" in parts)
+    if "bf16" in parts:
         inner = t.model
 
         class Autocast(torch.nn.Module):
@@ -65,7 +70,7 @@ def twin(level: Any, variant: str) -> Any:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     return self.inner(x).float()
 
-        t.train_model = Autocast()
+        t.train_model = torch.compile(Autocast()) if "compile" in parts else Autocast()
     return t
 
 
@@ -145,9 +150,12 @@ def conv_peak(model: Any, batch: Any, device: Any, reps: int = 5) -> tuple[str, 
 
 
 def bench_hierarchy(args: Any, name: str, variants: list[str], work: Any) -> dict[str, Any]:
+    import torch
+
     import mlsgd_dsl
     from mlsgd_dsl.runner.run import Trainer
 
+    torch._dynamo.reset()  # each hierarchy's compilations afresh, within the recompile limit
     overrides = {**MECHANICS, **SCALING[name]}
     if args.smoke:
         overrides.update(SMOKE)
@@ -198,7 +206,11 @@ def section(args: Any, results: list[dict[str, Any]], variants: list[str], peak:
                 "(forward + backward) at its shape",
         "matmul peak": f"{peak:.1f} GFLOP/s ({args.matmul_size}² fp32)",
         "warm-up": "seconds of the 3-batch warm-up beyond the default step's: for compile, "
-                   "the compilation a run pays once per level and shape",
+                   "the compilation a run pays once per level and shape"
+                   + (" (inductor cache empty at the start: a first run's cost)"
+                      if os.environ["TORCHINDUCTOR_CACHE_DIR"].rsplit("/", 1)[-1]
+                      .startswith("inductor-") else
+                      f" (inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']})"),
         "repetitions": f"{args.reps}, variants interleaved, order rotated; ratio = variant / "
                        "default per repetition (below 1: faster)",
     })
@@ -235,21 +247,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=None,
                    help="timed batches per repetition (default 20; smoke 2)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated among channels_last, compile, bf16 (default: "
-                        "channels_last,compile; on cuda also bf16)")
+                   help="comma-separated among channels_last, compile, bf16 and their "
+                        "combinations with + (default: channels_last,compile,"
+                        "channels_last+compile; on cuda also bf16, bf16+compile)")
     p.add_argument("--matmul-size", type=int, default=2048)
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.smoke else 5)
     args.batches = args.batches or (2 if args.smoke else 20)
     chosen = (args.variants.split(",") if args.variants else
-              ["channels_last", "compile"] + (["bf16"] if args.device == "cuda" else []))
-    unknown = [v for v in chosen if v not in ("channels_last", "compile", "bf16")]
-    if unknown or ("bf16" in chosen and args.device != "cuda"):
+              ["channels_last", "compile", "channels_last+compile"]
+              + (["bf16", "bf16+compile"] if args.device == "cuda" else []))
+    parts = [part for v in chosen for part in v.split("+")]
+    unknown = [part for part in parts if part not in ("channels_last", "compile", "bf16")]
+    if unknown or ("bf16" in parts and args.device != "cuda"):
         p.error(f"--variants {args.variants}: choose among channels_last, compile, bf16 "
-                "(bf16 on --device cuda only)")
+                "and their combinations with + (bf16 on --device cuda only)")
     variants = ["default", *chosen]
     C.setup_torch(args)
     info = C.machine(args.device)
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        # an empty inductor cache: the warm-up column shows the compilation a first run of
+        # these shapes pays (later runs of the same shapes on this machine hit the cache)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+        atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
     started = time.time()
     peak = matmul_peak(256 if args.smoke else args.matmul_size, args.device)
     names = ["depth", "resolution"] if args.hierarchy == "all" else [args.hierarchy]

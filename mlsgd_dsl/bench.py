@@ -15,8 +15,11 @@ each contender's schedule ends with the budget. Contenders (``--contenders``):
 The runs are interleaved — seed by seed, the contenders' order rotated from seed to seed — so
 a drifting machine hits them alike. The bench folder (``--out``, default
 ``runs/NAME-bench``) holds one run folder per contender and seed, ``bench.json`` (settings and
-per-seed numbers), ``bench.md`` (the table printed at the end) and ``bench.png`` (validation
-accuracy against training time, one colour per contender). Rerunning the same command skips
+per-seed numbers), ``bench.md`` (the table printed at the end), ``bench.png`` (validation
+accuracy against training time, one colour per contender) and ``costs/costs.json``: the
+planner's measured costs, measured at each level configuration's first run of the bench and
+reused by the later seeds (never a cache from earlier sessions, which may come from another
+load on the machine). Rerunning the same command skips
 finished runs and resumes interrupted ones; a folder holding a bench with other settings is
 refused unless ``--overwrite``.
 
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ from .errors import RunError, UserError
 from .runner.checkpoint import atomic_write_bytes
 
 MANIFEST = "bench.json"
+COSTS = "costs"  # the planner's cache of this bench (costs/costs.json)
 KINDS = ("V", "W", "F", "cascade", "fmg")
 CONTENDERS = ("file", *KINDS, "sgd")
 DEFAULT_CONTENDERS = ("file", "cascade", "sgd")
@@ -216,6 +222,22 @@ def as_override(item: str | tuple[str, Any]) -> str:
     return f"{key}={inline(value)}"
 
 
+@contextmanager
+def _cost_cache(folder: Path) -> Iterator[None]:
+    """The planner's cost cache in the bench folder: every level is measured at its first
+    run here, on this machine as it is now (a user's cache may hold costs from another load
+    or another torch), and every later seed and a resumed bench plan with the same numbers."""
+    before = os.environ.get("MLSGD_DSL_CACHE")
+    os.environ["MLSGD_DSL_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLSGD_DSL_CACHE"]
+        else:
+            os.environ["MLSGD_DSL_CACHE"] = before
+
+
 def run_bench(file: Path, overrides: Sequence[str | tuple[str, Any]], *, budget: float,
               seeds: int, contenders: Sequence[str], thresholds: Sequence[float] | None = None,
               out: Path | None = None, overwrite: bool = False, device: str | None = None,
@@ -281,9 +303,10 @@ def run_bench(file: Path, overrides: Sequence[str | tuple[str, Any]], *, budget:
                   f"{'resumed' if resumable else 'started'} ({folder})", file=sys.stderr)
             h = load(file, [*overrides, *per[name], f"mlsgd.seed={seed}"])
             try:
-                run(compile_hierarchy(h), out_dir=folder,
-                    resume=folder if resumable else None, device=device, quiet=quiet,
-                    validate=False, overwrite=not resumable)
+                with _cost_cache(out / COSTS):
+                    run(compile_hierarchy(h), out_dir=folder,
+                        resume=folder if resumable else None, device=device, quiet=quiet,
+                        validate=False, overwrite=not resumable)
             except RunError as exc:
                 raise RunError(f"bench run {folder.name}: {exc.message}; run the same bench "
                                "command again to continue", file=exc.file) from None

@@ -378,7 +378,8 @@ def resolve_plugins(h: Hierarchy, registry: Registry, file: str) -> dict[tuple, 
 def check_per_level(h: Hierarchy, file: str) -> None:
     """Per-level tables must name existing levels and cover them all."""
     names = set(h.levels)
-    for field_name in ("epochs", "cascade_epochs", "lr", "batch_size", "optimizer"):
+    for field_name in ("epochs", "cascade_epochs", "lr", "batch_size", "optimizer",
+                       "compile", "channels_last"):
         value = getattr(h.mlsgd, field_name)
         if not isinstance(value, dict):
             continue

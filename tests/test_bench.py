@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,11 @@ def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
         summary = json.loads((run / "summary.json").read_text())
         assert summary["training_time"] <= 0.5 + 0.5  # the budget stops a slow machine
         assert (run / "plan.json").is_file()
+    # the planner measured into the bench's own cache: the three levels of the MLSGD runs
+    # (file and cascade share them) and the baseline's finest level, once each
+    costs = json.loads((out / "costs" / "costs.json").read_text())
+    assert sorted(e["level"] for e in costs.values()) == ["coarse", "fine", "fine", "mid"]
+    assert os.environ["MLSGD_DSL_CACHE"] != str(out / "costs")  # the user's setting is back
     cascade = json.loads((out / "cascade-seed0" / "summary.json").read_text())
     assert cascade["cycle_kind"] == "cascade"
     sgd = json.loads((out / "sgd-seed0" / "summary.json").read_text())
@@ -133,3 +139,18 @@ def test_custom_contenders_are_override_sets(tmp_path: Path, capsys) -> None:
     resolved = mlsgd_dsl.load(tmp_path / "b" / "slow-seed0" / "resolved.toml")
     assert resolved.mlsgd.lr == 0.01 and resolved.mlsgd.schedule.kind == "constant"
     assert resolved.mlsgd.batch_size == 16 and resolved.mlsgd.plan == "auto"
+
+
+def test_the_quickstart_bench_in_a_smoke_size(tmp_path: Path, capsys) -> None:
+    """`mlsgd-dsl bench hierarchies/quickstart.toml --budget 60 --seeds 2`, as the README
+    shows it, with less data and a shorter budget."""
+    quickstart = Path(__file__).resolve().parents[1] / "hierarchies" / "quickstart.toml"
+    out = tmp_path / "quickstart-bench"
+    assert main(["bench", str(quickstart), "--budget", "2", "--seeds", "2", "--out", str(out),
+                 "--set", "data.options={train=600, test=100, size=16, channels=1, seed=0}",
+                 "--set", "data.validation=100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "time to sgd's final acc (× sgd's)" in lines[1]
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["file", "cascade", "sgd"]
+    assert all(r["final_val"] is not None
+               for r in json.loads((out / "bench.json").read_text())["records"])

@@ -126,8 +126,9 @@ def test_measuring_leaves_the_run_untouched(tmp_path: Path, monkeypatch) -> None
               for n, lv in t.levels.items()}
     rng = torch.get_rng_state()
     costs, sources = level_costs(t.levels)
-    assert set(costs) == set(t.levels) and all(math.isfinite(s) and s > 0
-                                               for s in costs.values())
+    assert set(costs) == set(t.levels) and all(
+        math.isfinite(c.batch_seconds) and c.batch_seconds > 0 and c.once_seconds == 0
+        for c in costs.values())
     assert set(sources.values()) == {"measured"}
     assert torch.equal(torch.get_rng_state(), rng)
     for n, lv in t.levels.items():

@@ -80,6 +80,21 @@ class Level:
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = 0  # bumped whenever the weights change (gradient cache key)
         self.epochs_done = 0.0  # this level's epochs over the run
+        self.compiled = False  # mlsgd.compile
+        self.channels_last = False  # mlsgd.channels_last
+
+    def accelerate(self, *, compile: bool = False, channels_last: bool = False) -> None:
+        """Make the training steps faster (``mlsgd.compile``, ``mlsgd.channels_last``).
+
+        Only ``train_model`` is compiled: the weights stay ``model``'s own tensors, so
+        transfers, state dicts and checkpoints see the plain network (what torch.compile's
+        wrapper would otherwise prefix with ``_orig_mod.``)."""
+        if channels_last and not self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile and not self.compiled:
+            self.train_model = torch.compile(self.train_model)
+            self.compiled = True
 
     # ------------------------------------------------------------------ weights
 

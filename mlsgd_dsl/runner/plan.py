@@ -14,11 +14,16 @@ statistics are untouched), then chooses
 horizon is the planned run, so cosine reaches its end when the budget does; ``time_budget``
 still stops the run if the machine turns out slower than measured.
 
-What the plan counts: training batches of every visit, and the forward passes that
-re-estimate BatchNorm statistics after each prolongation (``bn_recalibration`` images at a
-third of a training batch's cost per image). What it does not count, and the budget then cuts
-short: the gradient passes of a correction, the angle condition and early termination
-(``plan.json`` says so when one is configured). Planning time is not training time.
+What the plan counts: training batches of every visit, the forward passes that re-estimate
+BatchNorm statistics after each prolongation (``bn_recalibration`` images at a third of a
+training batch's cost per image), and with ``mlsgd.compile`` what compiling each level will
+still cost in the run: when the timing copy compiled it from scratch (planning time), the
+run's compilation finds dynamo's and inductor's caches filled, and a second copy's first
+batches beyond their steady cost measure what is left; a plan from cached costs reserves the
+from-scratch compilation. What it does not
+count, and the budget then cuts short: the gradient passes of a correction, the angle
+condition and early termination (``plan.json`` says so when one is configured). Planning time
+is not training time.
 
 Measured costs are cached (``$MLSGD_DSL_CACHE``, else ``$XDG_CACHE_HOME/mlsgd-dsl``, else
 ``~/.cache/mlsgd-dsl``; file ``costs.json``) by machine, torch version, threads, device and
@@ -68,6 +73,7 @@ class Plan:
     sources: dict[str, str] = field(default_factory=dict)  # level -> "measured" | "cache"
     planning_seconds: float = 0.0
     not_counted: list[str] = field(default_factory=list)
+    once_seconds: float = 0.0  # paid once inside the budget: mlsgd.compile's compilation
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +92,8 @@ class Plan:
         return (f"{head}; the schedule spans {self.horizon:.2f} epochs on all levels; "
                 f"measured seconds per epoch: {per}"
                 + (f" ({', '.join(cached)} from the cache)" if cached else "")
+                + (f"; {self.once_seconds:.1f} s of compilation reserved"
+                   if self.once_seconds else "")
                 + (f"; not counted: {'; '.join(self.not_counted)}" if self.not_counted else ""))
 
 
@@ -115,6 +123,7 @@ def cost_key(level: Level) -> str:
         "optimizer": level.optimizer_spec.model_dump(mode="json"),
         "augment": [level.augment.flip, level.augment.crop],
         "objective": [level.objective.l2, level.objective.smoothness],
+        "compile": level.compiled, "channels_last": level.channels_last,
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -146,6 +155,7 @@ def _twin(level: Level) -> Level:
                  augment=level.augment)
     for p in twin.params:
         p.requires_grad_(True)
+    twin.accelerate(compile=level.compiled, channels_last=level.channels_last)
     return twin
 
 
@@ -154,31 +164,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_batch_seconds(level: Level, batches: int = TIMED_BATCHES) -> float:
-    """Seconds of one training batch of ``level`` (the real step, on a copy)."""
+@dataclass
+class Cost:
+    """What training ``level`` costs: seconds per batch once running, and seconds paid once
+    before that (``mlsgd.compile``'s compilation, beyond its batches' own time)."""
+
+    batch_seconds: float
+    once_seconds: float = 0.0
+    cold_seconds: float = 0.0  # compiling from scratch: what a run planned from the cache pays
+
+
+def measure_batch_seconds(level: Level, batches: int = TIMED_BATCHES) -> Cost:
+    """The cost of ``level``'s training batches (the real step, on a copy)."""
     twin = _twin(level)
     host = FixedHost(torch.Generator(device=level.data.train_x.device).manual_seed(0)
                      if level.data.train_x.device.type == "cuda"
                      else torch.Generator().manual_seed(0))
     nb = twin.batches_per_epoch
     warm = min(WARMUP_BATCHES, nb)
+    start = time.perf_counter()
     train_visit(twin, Visit(epochs=warm / nb), host)
-    timed = max(1, min(batches, nb))
     _sync(level.device)
+    warm_seconds = time.perf_counter() - start
+    timed = max(1, min(batches, nb))
     start = time.perf_counter()
     result = train_visit(twin, Visit(epochs=timed / nb), host)
     _sync(level.device)
-    return (time.perf_counter() - start) / max(1, result.steps)
+    per_batch = (time.perf_counter() - start) / max(1, result.steps)
+    once = cold = 0.0
+    if level.compiled:
+        # the copy's first batches compiled it from scratch; the run's level compiles after
+        # it, finding its graphs in dynamo's and inductor's caches: a second copy's first
+        # batches are what that costs
+        again = _twin(level)
+        start = time.perf_counter()
+        train_visit(again, Visit(epochs=warm / nb), host)
+        _sync(level.device)
+        once = max(0.0, time.perf_counter() - start - warm * per_batch)
+        cold = max(once, warm_seconds - warm * per_batch)
+    return Cost(per_batch, once, cold)
 
 
 def level_costs(levels: Mapping[str, Level], *, remeasure: bool = False,
-                measure: Callable[[Level], float] | None = None
-                ) -> tuple[dict[str, float], dict[str, str]]:
-    """Seconds per training batch of every level, and where each number came from."""
+                measure: Callable[[Level], Cost | float] | None = None
+                ) -> tuple[dict[str, Cost], dict[str, str]]:
+    """The cost of every level's training, and where each number came from."""
     measure = measure or measure_batch_seconds
     path = cache_dir() / "costs.json"
     cache = _read_cache(path)
-    costs: dict[str, float] = {}
+    costs: dict[str, Cost] = {}
     sources: dict[str, str] = {}
     changed = False
     state = rng_state()  # a dropout layer would draw from the global RNG
@@ -189,10 +223,19 @@ def level_costs(levels: Mapping[str, Level], *, remeasure: bool = False,
             if not remeasure and isinstance(entry, dict) and \
                     isinstance(entry.get("batch_seconds"), (int, float)) and \
                     entry["batch_seconds"] > 0:
-                costs[name], sources[name] = float(entry["batch_seconds"]), "cache"
+                # nothing compiled in this process: the run's compilation starts from scratch
+                # (inductor's disk cache may still serve part of it)
+                cold = entry.get("cold_seconds", 0.0)
+                cold = float(cold) if isinstance(cold, (int, float)) else 0.0
+                costs[name] = Cost(float(entry["batch_seconds"]), cold, cold)
+                sources[name] = "cache"
                 continue
-            costs[name], sources[name] = measure(lv), "measured"
-            cache[key] = {"batch_seconds": costs[name], "level": name,
+            cost = measure(lv)
+            costs[name] = cost if isinstance(cost, Cost) else Cost(float(cost))
+            sources[name] = "measured"
+            cache[key] = {"batch_seconds": costs[name].batch_seconds,
+                          "once_seconds": costs[name].once_seconds,
+                          "cold_seconds": costs[name].cold_seconds, "level": name,
                           "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
             changed = True
     finally:
@@ -222,14 +265,17 @@ def cycle_seconds(path: Sequence[str], kind: str, k: int, *, epoch_seconds: Mapp
 def make_plan(budget: float, *, kind: str, paths: Callable[[int], Sequence[str]],
               epoch_seconds: Mapping[str, float], epochs: Mapping[str, float],
               pass_epochs: Mapping[str, float], ascend_seconds: Mapping[str, float],
-              sgd_finest: str | None = None, max_cycles: int = MAX_PLANNED_CYCLES) -> Plan:
-    """Cycles and one epoch factor whose planned time is ``budget`` (see the module doc)."""
+              sgd_finest: str | None = None, max_cycles: int = MAX_PLANNED_CYCLES,
+              once_seconds: float = 0.0) -> Plan:
+    """Cycles and one epoch factor whose planned time is ``budget`` (see the module doc);
+    ``once_seconds`` (compilation) is taken off the budget before the epochs are fitted."""
     if sgd_finest is not None:
-        total = budget / epoch_seconds[sgd_finest]
+        total = max(budget - once_seconds, 0.01 * budget) / epoch_seconds[sgd_finest]
         return Plan(budget=budget, cycles=max(1, math.ceil(total - 1e-9)), scale=1.0,
                     epochs=dict(epochs), pass_epochs=dict(pass_epochs), sgd_epochs=total,
-                    seconds_per_epoch=dict(epoch_seconds), planned_seconds=budget)
-    visits, fixed = [0.0], [0.0]
+                    seconds_per_epoch=dict(epoch_seconds), planned_seconds=budget,
+                    once_seconds=once_seconds)
+    visits, fixed = [0.0], [once_seconds]
     k = 0
     while k < max_cycles and visits[-1] + fixed[-1] < budget:
         v, f = cycle_seconds(paths(k), kind, k, epoch_seconds=epoch_seconds, epochs=epochs,
@@ -246,7 +292,8 @@ def make_plan(budget: float, *, kind: str, paths: Callable[[int], Sequence[str]]
                 epochs={n: e * scale for n, e in epochs.items()},
                 pass_epochs={n: e * scale for n, e in pass_epochs.items()}, sgd_epochs=None,
                 seconds_per_epoch=dict(epoch_seconds),
-                planned_seconds=visits[cycles] * scale + fixed[cycles])
+                planned_seconds=visits[cycles] * scale + fixed[cycles],
+                once_seconds=once_seconds)
 
 
 def plan_run(c: Any, levels: Mapping[str, Level], *, sgd: bool) -> Plan:
@@ -255,7 +302,8 @@ def plan_run(c: Any, levels: Mapping[str, Level], *, sgd: bool) -> Plan:
 
     spec = c.hierarchy.mlsgd
     started = time.perf_counter()
-    batch_costs, sources = level_costs(levels, remeasure=spec.plan == "measure")
+    costs, sources = level_costs(levels, remeasure=spec.plan == "measure")
+    batch_costs = {n: cost.batch_seconds for n, cost in costs.items()}
     epoch_seconds = {n: batch_costs[n] * lv.batches_per_epoch for n, lv in levels.items()}
     ascend: dict[str, float] = {}
     if spec.bn_recalibration > 0 and not sgd:
@@ -267,7 +315,8 @@ def plan_run(c: Any, levels: Mapping[str, Level], *, sgd: bool) -> Plan:
                      epoch_seconds=epoch_seconds,
                      epochs={n: lv.epochs for n, lv in levels.items()},
                      pass_epochs={n: lv.pass_epochs for n, lv in levels.items()},
-                     ascend_seconds=ascend, sgd_finest=c.finest if sgd else None)
+                     ascend_seconds=ascend, sgd_finest=c.finest if sgd else None,
+                     once_seconds=sum(cost.once_seconds for cost in costs.values()))
     plan.sources = sources
     if not sgd:
         strategy = spec.correction if isinstance(spec.correction, str) \

@@ -108,6 +108,14 @@ def build_levels(c: Any, used: Sequence[str], device: torch.device, *, sgd: bool
             l2=obj.l2, smoothness=obj.smoothness, device=device,
             augment=Augment(flip=aug.flip, crop=aug.crop, fill=fill))
         levels[name].train_model = distributed.wrap(model, device)
+        levels[name].accelerate(compile=c.for_level(spec.compile, name),
+                                channels_last=c.for_level(spec.channels_last, name))
+    if any(lv.compiled for lv in levels.values()):
+        # the levels share their network class's forward: dynamo counts each level's graph
+        # (and the planner's copy of it) against that code object's recompile limit, beyond
+        # which it silently runs eagerly
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 8 + 2 * len(levels))
     world = distributed.world_size()
     small = [n for n, lv in levels.items() if min(lv.batch_size, len(lv.data.train_x)) < world]
     if small:  # a rank without images in a batch has no loss to differentiate
