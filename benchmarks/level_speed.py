@@ -208,8 +208,7 @@ def section(args: Any, results: list[dict[str, Any]], variants: list[str], peak:
         "warm-up": "seconds of the 3-batch warm-up beyond the default step's: for compile, "
                    "the compilation a run pays once per level and shape"
                    + (" (inductor cache empty at the start: a first run's cost)"
-                      if os.environ["TORCHINDUCTOR_CACHE_DIR"].rsplit("/", 1)[-1]
-                      .startswith("inductor-") else
+                      if args.empty_inductor_cache else
                       f" (inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']})"),
         "repetitions": f"{args.reps}, variants interleaved, order rotated; ratio = variant / "
                        "default per repetition (below 1: faster)",
@@ -265,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["default", *chosen]
     C.setup_torch(args)
     info = C.machine(args.device)
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    args.empty_inductor_cache = not os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if args.empty_inductor_cache:
         # an empty inductor cache: the warm-up column shows the compilation a first run of
         # these shapes pays (later runs of the same shapes on this machine hit the cache)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")

@@ -37,11 +37,11 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from .errors import RunError, UserError
 from .runner.checkpoint import atomic_write_bytes
@@ -222,22 +222,6 @@ def as_override(item: str | tuple[str, Any]) -> str:
     return f"{key}={inline(value)}"
 
 
-@contextmanager
-def _cost_cache(folder: Path) -> Iterator[None]:
-    """The planner's cost cache in the bench folder: every level is measured at its first
-    run here, on this machine as it is now (a user's cache may hold costs from another load
-    or another torch), and every later seed and a resumed bench plan with the same numbers."""
-    before = os.environ.get("MLSGD_DSL_CACHE")
-    os.environ["MLSGD_DSL_CACHE"] = str(folder)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MLSGD_DSL_CACHE"]
-        else:
-            os.environ["MLSGD_DSL_CACHE"] = before
-
-
 def run_bench(file: Path, overrides: Sequence[str | tuple[str, Any]], *, budget: float,
               seeds: int, contenders: Sequence[str], thresholds: Sequence[float] | None = None,
               out: Path | None = None, overwrite: bool = False, device: str | None = None,
@@ -303,7 +287,11 @@ def run_bench(file: Path, overrides: Sequence[str | tuple[str, Any]], *, budget:
                   f"{'resumed' if resumable else 'started'} ({folder})", file=sys.stderr)
             h = load(file, [*overrides, *per[name], f"mlsgd.seed={seed}"])
             try:
-                with _cost_cache(out / COSTS):
+                # the planner's cost cache in the bench folder: every level is measured at its
+                # first run here, on this machine as it is now (a user's cache may hold costs
+                # from another load or another torch), and later seeds and a resumed bench
+                # plan with the same numbers
+                with patch.dict(os.environ, {"MLSGD_DSL_CACHE": str(out / COSTS)}):
                     run(compile_hierarchy(h), out_dir=folder,
                         resume=folder if resumable else None, device=device, quiet=quiet,
                         validate=False, overwrite=not resumable)

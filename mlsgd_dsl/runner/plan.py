@@ -20,10 +20,9 @@ training batch's cost per image), and with ``mlsgd.compile`` what compiling each
 still cost in the run: when the timing copy compiled it from scratch (planning time), the
 run's compilation finds dynamo's and inductor's caches filled, and a second copy's first
 batches beyond their steady cost measure what is left; a plan from cached costs reserves the
-from-scratch compilation. What it does not
-count, and the budget then cuts short: the gradient passes of a correction, the angle
-condition and early termination (``plan.json`` says so when one is configured). Planning time
-is not training time.
+from-scratch compilation. What it does not count, and the budget then cuts short: the
+gradient passes of a correction, the angle condition and early termination (``plan.json``
+says so when one is configured). Planning time is not training time.
 
 Measured costs are cached (``$MLSGD_DSL_CACHE``, else ``$XDG_CACHE_HOME/mlsgd-dsl``, else
 ``~/.cache/mlsgd-dsl``; file ``costs.json``) by machine, torch version, threads, device and
